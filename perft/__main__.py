@@ -1,0 +1,5 @@
+import sys
+
+from perft.cli import main
+
+sys.exit(main())
