@@ -1,0 +1,147 @@
+"""The adapter math: N stacked adapter experts and the PERFT-R router.
+
+All N experts live in two stacked tensors and run as two matrix products over the
+concatenated expert axis (`[T, d] x [d, N*r]` then `[T, N*r] x [N*r, d]`), with the
+per-token expert weights applied to the small `[T, N, r]` middle activation. Unselected
+experts get weight 0, so routed, embedded, dense and single all share one code path and
+no Python loop over experts ever runs. For the rank/expert counts PERFT uses, the middle
+activation is tiny next to the frozen experts' own work.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_ACTIVATIONS = {
+    "silu": F.silu,
+    "relu": F.relu,
+    "gelu": F.gelu,
+    "tanh": torch.tanh,
+    "identity": lambda x: x,
+}
+
+
+class AdapterExperts(nn.Module):
+    """N adapter experts, LoRA (`scale * B_n A_n x`) or parallel adapter (`U_n act(D_n x)`).
+
+    Stored as `down` [N, r, d] and `up` [N, d, r] (named `lora_A`/`lora_B` or
+    `adapter_down`/`adapter_up` in the save format). `up` starts at zero, so the experts
+    start as an exact no-op.
+    """
+
+    def __init__(
+        self,
+        kind: str,
+        num_experts: int,
+        hidden_size: int,
+        rank: int,
+        *,
+        scaling: float = 1.0,
+        activation: str = "silu",
+        dropout: float = 0.0,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.kind = kind
+        self.num_experts, self.hidden_size, self.rank = num_experts, hidden_size, rank
+        self.scaling = scaling if kind == "lora" else 1.0
+        self.act = _ACTIVATIONS[activation] if kind == "parallel" else None
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        factory = {"dtype": dtype, "device": device}
+        self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size, **factory))
+        self.up = nn.Parameter(torch.zeros(num_experts, hidden_size, rank, **factory))
+        self.reset_parameters()
+
+    @property
+    def down_name(self) -> str:
+        return "lora_A" if self.kind == "lora" else "adapter_down"
+
+    @property
+    def up_name(self) -> str:
+        return "lora_B" if self.kind == "lora" else "adapter_up"
+
+    def reset_parameters(self) -> None:
+        """Kaiming-uniform `down` (as PEFT's LoRA A), zero `up`: an exact no-op at start."""
+        bound = 1.0 / math.sqrt(self.hidden_size)  # kaiming_uniform_(a=sqrt(5)) on a [r, d] matrix
+        with torch.no_grad():
+            self.down.uniform_(-bound, bound)
+            self.up.zero_()
+
+    def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+        """Sum over experts of `weights[:, n] * expert_n(x)`; `weights=None` means all ones.
+
+        x: [T, d] in the adapter dtype; weights: [T, N] (zeros for unselected experts).
+        """
+        n, r, d = self.num_experts, self.rank, self.hidden_size
+        h = F.linear(self.dropout(x), self.down.reshape(n * r, d))  # [T, N*r]
+        if self.act is not None:
+            h = self.act(h)
+        if weights is not None:
+            h = (h.view(-1, n, r) * weights.to(h.dtype).unsqueeze(-1)).view(-1, n * r)
+        if self.scaling != 1.0:
+            h = h * self.scaling
+        up = self.up if n == 1 else self.up.transpose(0, 1)  # [d, N, r] view; one copy below
+        return F.linear(h, up.reshape(d, n * r))
+
+
+class AdapterRouter(nn.Module):
+    """The PERFT-R router: `softmax(W_r x)` in fp32, top-k kept, optionally renormalised."""
+
+    def __init__(
+        self,
+        num_experts: int,
+        hidden_size: int,
+        top_k: int,
+        *,
+        normalize: bool,
+        init_std: float = 0.02,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ) -> None:
+        super().__init__()
+        self.num_experts, self.top_k, self.normalize = num_experts, top_k, normalize
+        self.weight = nn.Parameter(torch.empty(num_experts, hidden_size, dtype=dtype, device=device))
+        with torch.no_grad():
+            self.weight.normal_(0.0, init_std)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Returns (probs [T, N] fp32, dense kept weights [T, N] fp32, top-k indices [T, k])."""
+        logits = F.linear(x.float(), self.weight.float())
+        probs = torch.softmax(logits, dim=-1)
+        top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
+        if self.normalize:
+            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+        dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
+        return probs, dense, top_index
+
+
+def dense_routing_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Scatter a base router's (indices, weights) into a dense [T, E] matrix.
+
+    Indices equal to `num_experts` (transformers' "masked / other rank" slot under expert
+    parallelism) are dropped.
+    """
+    tokens = top_k_index.shape[0]
+    dense = top_k_weights.new_zeros(tokens, num_experts + 1)
+    dense.scatter_add_(-1, top_k_index.long(), top_k_weights)
+    return dense[:, :num_experts]
+
+
+def switch_balance_terms(
+    probs: torch.Tensor, top_index: torch.Tensor, mask: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-expert (dispatch counts, probability sums, token count) of one layer.
+
+    Summed over layers, these give the Switch load-balance loss exactly as transformers
+    computes it over all layers at once: `N * sum_n (count_n / T) * (prob_n / T)`.
+    """
+    one_hot = F.one_hot(top_index, probs.shape[-1]).sum(dim=1).to(probs.dtype)  # [T, N]
+    if mask is not None:
+        keep = mask.to(probs.dtype).unsqueeze(-1)
+        return (one_hot * keep).sum(0), (probs * keep).sum(0), keep.sum()
+    return one_hot.sum(0), probs.sum(0), probs.new_tensor(float(probs.shape[0]))

@@ -1,0 +1,87 @@
+"""Loading base models and tokenizers the way users do, with errors that say what to fix.
+
+Weights load through `from_pretrained` (safetensors only: `use_safetensors=True`), and
+remote code runs only when the caller asks for it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from perft.errors import PerftError
+
+_DTYPES = {"auto": "auto", "float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype: str | torch.dtype | None) -> Any:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in _DTYPES:
+        raise PerftError(f"unknown dtype {dtype!r}; choose one of {sorted(_DTYPES)}")
+    return _DTYPES[dtype]
+
+
+def _check_local(name_or_path: str) -> None:
+    path = Path(name_or_path)
+    looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
+    if looks_local:
+        if not path.exists():
+            raise PerftError(f"model path {name_or_path} does not exist")
+        if path.is_dir() and not (path / "config.json").is_file():
+            raise PerftError(f"{name_or_path} has no config.json: it is not a Hugging Face model directory")
+
+
+def load_base_model(
+    name_or_path: str,
+    *,
+    dtype: str | torch.dtype | None = "auto",
+    trust_remote_code: bool = False,
+    experts_implementation: str | None = None,
+    device_map: Any = None,
+    **kwargs: Any,
+) -> nn.Module:
+    """`AutoModelForCausalLM.from_pretrained` with safetensors only and clear errors."""
+    from transformers import AutoModelForCausalLM
+
+    _check_local(str(name_or_path))
+    extra: dict[str, Any] = dict(kwargs)
+    if experts_implementation is not None:
+        extra["experts_implementation"] = experts_implementation
+    if device_map is not None:
+        extra["device_map"] = device_map
+    try:
+        return AutoModelForCausalLM.from_pretrained(
+            name_or_path,
+            dtype=resolve_dtype(dtype),
+            trust_remote_code=trust_remote_code,
+            use_safetensors=True,
+            **extra,
+        )
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PerftError(f"cannot load model {name_or_path!r}: {first}") from None
+
+
+def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
+    """Load a tokenizer; one without a pad token gets its EOS token as pad (said once, on stderr)."""
+    from transformers import AutoTokenizer
+
+    _check_local(str(name_or_path))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise PerftError(f"cannot load the tokenizer of {name_or_path!r}: {first}") from None
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is None:
+            raise PerftError(
+                f"the tokenizer of {name_or_path} has neither a pad nor an EOS token; add a pad token to it"
+            )
+        tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = padding_side
+    return tokenizer
