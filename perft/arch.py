@@ -14,6 +14,7 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from perft.errors import PerftError
@@ -134,7 +135,10 @@ def find_moe_blocks(model: nn.Module, *, module_filter: Callable[[str], bool] | 
         normalizes = bool(norm) if isinstance(norm, bool) else arch.normalizes_top_k
         match = _LAYER_INDEX.search(path)
         layer = int(match.group(1)) if match else order
-        d = _int_attr(router, "hidden_dim") or _int_attr(experts, "hidden_dim") or hidden_size
+        weight = getattr(router, "weight", None)
+        d = _int_attr(router, "hidden_dim") or _int_attr(experts, "hidden_dim") or (
+            weight.shape[-1] if isinstance(weight, torch.Tensor) and weight.dim() == 2 else hidden_size
+        )
         if d is None:
             raise PerftError(f"cannot read the hidden size of MoE block {path}")
         blocks.append(MoEBlockInfo(path, layer, module, arch, num_experts, top_k, normalizes, int(d)))
