@@ -216,3 +216,24 @@ def test_bf16_base_with_fp32_adapters(checkpoints):
     assert losses[-1] < losses[0]
     auto = get_perft_model(load(checkpoints["mixtral"]).to(torch.bfloat16), make_config("dense", "lora", adapter_dtype="auto"))
     assert next(iter(auto.perft_layers.values())).experts.down.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_gradient_checkpointing_gives_the_same_gradients(checkpoints, variant):
+    grads = []
+    for checkpointing in (False, True):
+        torch.manual_seed(0)
+        model = get_perft_model(load(checkpoints["olmoe"]), make_config(variant, "lora"))
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.normal_(0, 0.1)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model.train()
+        model(**batch(2)).loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        assert grad.abs().sum() > 0, name
+        torch.testing.assert_close(grads[1][name], grad, rtol=1e-5, atol=1e-7)
