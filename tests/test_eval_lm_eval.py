@@ -152,3 +152,20 @@ def test_unknown_lm_eval_task_fails_with_suggestions(setup):
         check_tasks([" "], setup["manager"])
     with pytest.raises(PerftError, match="does not exist"):
         task_manager(setup["root"] / "missing", include_defaults=False)
+
+
+def test_cli_runs_local_lm_eval_task_with_the_paper_tasks(setup, tmp_path, capsys):
+    from helpers_eval import boolq_records, write_task
+
+    from perft.cli import main
+
+    write_task(tmp_path / "dataset", "boolq", boolq_records(2))
+    out = tmp_path / "eval"
+    code = main(["eval", "--model", str(setup["model_dir"]), "--tasks", "boolq", "--data-dir",
+                 str(tmp_path / "dataset"), "--lm-eval-tasks", "perft_local_mc", "--lm-eval-include",
+                 str(setup["tasks"]), "--output", str(out), "--max-samples", "3", "--no-progress"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "protocol: generate" in printed and "perft_local_mc" in printed
+    saved = json.loads((out / "lm_eval_results.json").read_text())
+    assert saved["n-samples"]["perft_local_mc"]["effective"] == 3
+    assert json.loads((out / "summary.json").read_text())["tasks"]["boolq"]["n"] == 2

@@ -141,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
         evaluation = Evaluation(loaded, args.output, settings, run_info=run_info)
     manager = None
     if lm_tasks:
-        from perft.evaluation.lm_eval_bridge import check_tasks, task_manager
+        from perft.evaluation.lm_eval_bridge import check_tasks, manager_for
 
-        manager = task_manager(args.lm_eval_include)
+        manager = manager_for(lm_tasks, args.lm_eval_include)
         lm_tasks = check_tasks(lm_tasks, manager)
     if args.adapter:
         _check_adapter_matches(args.model, args.adapter)

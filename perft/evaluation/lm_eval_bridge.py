@@ -109,6 +109,16 @@ def task_manager(include_path: str | Path | Sequence[str | Path] | None = None, 
     return TaskManager(include_path=include_path, include_defaults=include_defaults)
 
 
+def manager_for(tasks: Sequence[str], include_path: str | Path | Sequence[str | Path] | None = None) -> Any:
+    """A task index that knows `tasks`: only `include_path` when it holds them all (indexing lm-eval's
+    thousands of built-in tasks takes many seconds), else also the built-in tasks."""
+    if include_path:
+        local = task_manager(include_path, include_defaults=False)
+        if all(t.strip() in set(local.all_tasks) for t in tasks if t.strip()):
+            return local
+    return task_manager(include_path, include_defaults=True)
+
+
 def check_tasks(tasks: Sequence[str], manager: Any) -> list[str]:
     """Fail before any work on task names lm-eval does not know, suggesting close ones."""
     tasks = [t.strip() for t in tasks if t and t.strip()]
