@@ -201,6 +201,16 @@ class PerftModel(nn.Module):
                 param.requires_grad_(False)
         return model
 
+    def routing_stats(self) -> dict[str, dict[str, Any]]:
+        """Adapter routing statistics of the last forward pass, per adapted block path.
+
+        Switch recording on first with `perft.analysis.record_routing(model)`; see
+        `perft.analysis.live` (utilisation, entropy, balance coefficient, dead experts).
+        """
+        from perft.analysis.live import last_routing_stats
+
+        return last_routing_stats(self)
+
 
 def get_perft_model(base_model: nn.Module, config: PerftConfig) -> PerftModel:
     """Freeze `base_model` and attach PERFT adapter experts to its MoE blocks."""
