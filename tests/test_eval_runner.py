@@ -247,7 +247,7 @@ def test_cli_runs_and_compares(world, tmp_path, capsys):
     assert "protocol: generate" in printed and "boolq" in printed and "gsm8k" in printed
     assert (out / "table.txt").read_text().strip() == printed.strip()
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["tasks"]["boolq"]["n"] == 2 and summary["model"] == str(world["model_dir"])
+    assert summary["tasks"]["boolq"]["n"] == 2 and summary["model"] == str(world["model_dir"].resolve())
     assert main(["eval", "--compare", str(out), str(out)]) == 0
     assert capsys.readouterr().out.count("boolq") == 1
 
@@ -285,7 +285,7 @@ def test_cli_with_perft_adapter_and_foreign_adapter(world, tmp_path, capsys):
     args = ["eval", "--model", str(world["model_dir"]), "--adapter", str(adapter), "--tasks", "boolq",
             "--data-dir", str(world["data"]), "--output", str(out), "--max-samples", "2", "--no-progress"]
     assert main(args) == 0
-    assert json.loads((out / "summary.json").read_text())["adapter"] == str(adapter)
+    assert json.loads((out / "summary.json").read_text())["adapter"] == str(adapter.resolve())
     capsys.readouterr()
 
     foreign = tmp_path / "foreign"

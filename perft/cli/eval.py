@@ -55,6 +55,12 @@ def _split(text: str | None) -> list[str]:
     return [t.strip() for t in (text or "").split(",") if t.strip()]
 
 
+def _where(name_or_path: str) -> str:
+    """A local path in absolute form (so `./m` and `m` resume the same run); a hub name as given."""
+    path = Path(name_or_path)
+    return str(path.resolve()) if path.exists() else str(name_or_path)
+
+
 def _check_adapter_matches(model: str, adapter: str) -> None:
     """Refuse an adapter made for another base model before the (slow) model load."""
     directory = Path(adapter)
@@ -137,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size,
         )
         loaded = prepare_tasks(tasks, args.data_dir, protocol=args.protocol, max_samples=args.max_samples)
-        run_info = {"model": str(args.model), "adapter": str(args.adapter) if args.adapter else None}
+        run_info = {"model": _where(args.model), "adapter": _where(args.adapter) if args.adapter else None}
         evaluation = Evaluation(loaded, args.output, settings, run_info=run_info)
     manager = None
     if lm_tasks:
