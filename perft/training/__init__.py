@@ -1,0 +1,6 @@
+"""Fine-tuning: `perft train` and its pieces (config, loop, checkpoints, distributed, HF integration)."""
+
+from perft.training.args import TrainingConfig
+from perft.training.trainer import NonFiniteLoss, TrainResult, train
+
+__all__ = ["NonFiniteLoss", "TrainResult", "TrainingConfig", "train"]

@@ -1,0 +1,304 @@
+"""`TrainingConfig`: every setting of `perft train`, from a YAML file and/or command-line flags.
+
+One dataclass is the single source of truth: the CLI builds one flag per field from it,
+YAML keys are its field names (unknown keys are an error, with the closest known name), and
+`validate()` refuses impossible settings before any data or model is touched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from perft.config import PerftConfig
+from perft.errors import PerftError
+
+METHODS = ("perft", "lora-attn", "lora-experts")
+SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
+REPORTERS = ("tensorboard", "wandb", "none")
+STRATEGIES = ("ddp", "fsdp")
+PRECISIONS = ("auto", "true", "false")
+MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+
+# Fields that may change between a run and its resumption: where things go, how they are
+# shown, and memory knobs that do not change the maths of a step.
+RESUMABLE_CHANGES = frozenset({
+    "output", "resume", "overwrite_output_dir", "report_to", "wandb_project", "run_name", "progress",
+    "logging_steps", "eval_steps", "save_steps", "save_total_limit", "micro_batch_size", "eval_batch_size",
+    "gradient_checkpointing", "strategy", "trust_remote_code", "config",
+})
+
+
+def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
+    """A dataclass field carrying its CLI help text and group."""
+    meta = {"help": help, "group": group, **extra}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class TrainingConfig:
+    """All settings of one fine-tuning run; defaults follow the paper where it says something."""
+
+    # -- what to train on
+    model: str | None = _f(None, "base model directory or hub name (an MoE causal LM)", "data and model")
+    tokenizer: str | None = _f(None, "tokenizer path (default: the model's)", "data and model")
+    data: str | None = _f(None, "training data: LLM-Adapters JSON list, JSONL, CSV or Parquet", "data and model")
+    output: str | None = _f(None, "output directory (checkpoints, logs, final adapter)", "data and model")
+    config: str | None = _f(None, "YAML file with any of these settings; flags override it", "data and model")
+    model_dtype: str = _f("auto", "dtype of the frozen base model", "data and model", choices=MODEL_DTYPES)
+    trust_remote_code: bool = _f(False, "allow the model's own Python code to run", "data and model")
+    # -- method
+    method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
+                     choices=METHODS)
+    variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
+                      choices=("routed", "embedded", "dense", "single"))
+    adapter: str = _f("lora", "adapter expert type", "method", choices=("lora", "parallel"))
+    num_experts: int = _f(4, "adapter experts N (routed, dense)", "method")
+    top_k: int = _f(2, "adapter experts per token K (routed)", "method")
+    rank: int = _f(16, "adapter rank r (bottleneck width)", "method")
+    alpha: float | None = _f(None, "LoRA alpha (default 2 x rank, as the paper)", "method")
+    dropout: float = _f(0.05, "adapter dropout", "method")
+    activation: str = _f("silu", "activation of parallel adapters", "method",
+                         choices=("silu", "relu", "gelu", "tanh", "identity"))
+    normalize_top_k: bool | None = _f(None, "renormalise kept PERFT-R weights (default: as the base model)", "method")
+    router_aux_loss_coef: float = _f(0.0, "PERFT-R router load-balance loss coefficient (paper: 0.01 OLMoE)",
+                                     "method")
+    base_router_aux_loss_coef: float | None = _f(
+        None, "frozen base router's load-balance loss coefficient (paper: 0.01 OLMoE, 0.02 Mixtral); "
+        "unset leaves the model config as it is", "method")
+    layers: list[int] | None = _f(None, "MoE layer indices to adapt (default: all)", "method")
+    adapter_dtype: str = _f("float32", "adapter weight dtype", "method",
+                            choices=("float32", "bfloat16", "float16", "auto"))
+    # -- data
+    cutoff_len: int = _f(256, "truncate prompt+response to this many tokens", "data")
+    val_set_size: int = _f(120, "records held out for validation loss (0: none)", "data")
+    split_seed: int = _f(42, "seed of the validation split", "data")
+    train_on_inputs: bool = _f(False, "also train on prompt tokens (the paper's runs do)", "data")
+    group_by_length: bool = _f(False, "group similar lengths into the same global batches (less padding)", "data")
+    max_train_samples: int | None = _f(None, "use only the first N training records (quick runs)", "data")
+    # -- optimisation
+    epochs: float = _f(3.0, "training epochs", "optimisation")
+    max_steps: int | None = _f(None, "stop after this many optimiser steps (overrides epochs)", "optimisation")
+    lr: float = _f(1e-5, "peak learning rate (paper: 1e-5 OLMoE, 2e-5 Mixtral)", "optimisation")
+    lr_scheduler: str = _f("linear", "learning-rate schedule after warm-up", "optimisation", choices=SCHEDULERS)
+    warmup_steps: int = _f(100, "linear warm-up steps", "optimisation")
+    weight_decay: float = _f(0.0, "AdamW weight decay", "optimisation")
+    adam_beta1: float = _f(0.9, "AdamW beta1", "optimisation")
+    adam_beta2: float = _f(0.999, "AdamW beta2", "optimisation")
+    adam_epsilon: float = _f(1e-8, "AdamW epsilon", "optimisation")
+    max_grad_norm: float = _f(1.0, "gradient clipping norm (0: off)", "optimisation")
+    batch_size: int = _f(16, "global batch size (examples per optimiser step, all processes)", "optimisation")
+    micro_batch_size: int | None = _f(None, "examples per forward pass per process (default: batch / processes)",
+                                      "optimisation")
+    seed: int = _f(42, "random seed (adapter init, data order, dropout)", "optimisation")
+    bf16: str = _f("auto", "bf16 autocast: auto (where the hardware has it), true, false", "optimisation",
+                   choices=PRECISIONS)
+    gradient_checkpointing: bool = _f(False, "recompute activations in backward to save memory", "optimisation")
+    # -- evaluation, checkpoints, logs
+    eval_steps: int = _f(80, "validation loss every N steps", "evaluation and checkpoints")
+    eval_batch_size: int | None = _f(None, "validation micro-batch size (default: micro_batch_size)",
+                                     "evaluation and checkpoints")
+    save_steps: int = _f(80, "checkpoint every N steps", "evaluation and checkpoints")
+    save_total_limit: int | None = _f(3, "keep the last K checkpoints (the best is kept too)",
+                                      "evaluation and checkpoints")
+    load_best_at_end: bool = _f(True, "final adapter = best checkpoint by validation loss",
+                                "evaluation and checkpoints")
+    logging_steps: int = _f(10, "log train loss every N steps", "evaluation and checkpoints")
+    report_to: str = _f("tensorboard", "tensorboard, wandb, both (comma-separated) or none",
+                        "evaluation and checkpoints")
+    wandb_project: str = _f("perft", "W&B project (with --report-to wandb)", "evaluation and checkpoints")
+    run_name: str | None = _f(None, "run name for the logs", "evaluation and checkpoints")
+    progress: bool = _f(True, "show a progress bar", "evaluation and checkpoints")
+    resume: str | None = _f(None, "continue a run: 'latest' checkpoint in --output, 'auto' (latest if any), "
+                            "or a checkpoint directory", "evaluation and checkpoints")
+    overwrite_output_dir: bool = _f(False, "start over in an --output that already holds a run",
+                                    "evaluation and checkpoints")
+    # -- distributed
+    strategy: str = _f("ddp", "multi-process strategy under torchrun: ddp, or fsdp for big models",
+                       "distributed", choices=STRATEGIES)
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "config") -> TrainingConfig:
+        """Build from a mapping (YAML keys may use '-' or '_'); unknown keys are an error."""
+        if not isinstance(data, dict):
+            raise PerftError(f"{source} must be a mapping of settings, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        values: dict[str, Any] = {}
+        for key, value in data.items():
+            name = str(key).replace("-", "_")
+            if name not in known:
+                close = difflib.get_close_matches(name, sorted(known), n=1)
+                hint = f" (did you mean '{close[0]}'?)" if close else ""
+                raise PerftError(f"unknown setting '{key}' in {source}{hint}; see `perft train --help`")
+            values[name] = value
+        cfg = cls(**values)
+        cfg.normalise()
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, overrides: dict[str, Any] | None = None) -> TrainingConfig:
+        """Load a YAML file, then apply `overrides` (e.g. command-line flags) on top."""
+        data = load_yaml(path)
+        data.pop("config", None)
+        data.update(overrides or {})
+        data["config"] = str(path)
+        return cls.from_dict(data, source=str(path))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def normalise(self) -> None:
+        """Coerce YAML spellings (true/false for bf16, ints for floats) to canonical values."""
+        if isinstance(self.bf16, bool):
+            self.bf16 = "true" if self.bf16 else "false"
+        if isinstance(self.bf16, str):
+            self.bf16 = self.bf16.lower()
+        for name in ("lr", "epochs", "weight_decay", "dropout", "router_aux_loss_coef", "max_grad_norm",
+                     "adam_beta1", "adam_beta2", "adam_epsilon"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool):
+                setattr(self, name, float(value))
+            elif isinstance(value, str):  # YAML reads 1e-5 as a string
+                try:
+                    setattr(self, name, float(value))
+                except ValueError:
+                    raise PerftError(f"{name} must be a number, got {value!r}") from None
+
+    # ------------------------------------------------------------------ validation
+    def validate(self, world_size: int = 1) -> None:
+        """Raise `PerftError` for the first impossible or missing setting, naming the fix."""
+        for name in ("model", "data", "output"):
+            if not getattr(self, name):
+                raise PerftError(f"no --{name} given: set it on the command line or as '{name}:' in the YAML config")
+        for f in dataclasses.fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                raise PerftError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of: {', '.join(choices)}")
+        for reporter in self.reporters:
+            if reporter not in REPORTERS:
+                raise PerftError(f"unknown report_to {reporter!r}; choose from {', '.join(REPORTERS)}")
+        _int(self, "batch_size", 1)
+        if self.micro_batch_size is not None:
+            _int(self, "micro_batch_size", 1)
+        micro = self.micro_batch_size_for(world_size)
+        if micro > self.batch_size:
+            raise PerftError(
+                f"micro_batch_size={micro} is larger than batch_size={self.batch_size}: a step cannot hold "
+                "fewer examples than one forward pass; lower --micro-batch-size or raise --batch-size"
+            )
+        if self.batch_size % (micro * world_size):
+            raise PerftError(
+                f"batch_size={self.batch_size} is not divisible by micro_batch_size={micro} x "
+                f"{world_size} process(es); pick sizes with batch = micro x accumulation x processes"
+            )
+        for name, minimum in (("cutoff_len", 2), ("val_set_size", 0), ("warmup_steps", 0), ("eval_steps", 1),
+                              ("save_steps", 1), ("logging_steps", 1), ("split_seed", 0), ("seed", 0)):
+            _int(self, name, minimum)
+        for name in ("max_steps", "max_train_samples", "save_total_limit", "eval_batch_size"):
+            if getattr(self, name) is not None:
+                _int(self, name, 1)
+        if self.layers is not None and not isinstance(self.layers, list):
+            raise PerftError(f"layers must be a list of layer indices, got {self.layers!r}")
+        _number(self, "lr", positive=True)
+        _number(self, "epochs", positive=True)
+        for name in ("weight_decay", "max_grad_norm", "router_aux_loss_coef", "adam_epsilon"):
+            _number(self, name)
+        if self.base_router_aux_loss_coef is not None:
+            _number(self, "base_router_aux_loss_coef")
+        for name in ("adam_beta1", "adam_beta2"):
+            _number(self, name)
+            if not getattr(self, name) < 1:
+                raise PerftError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        if self.method == "perft":
+            self.perft_config()  # PerftConfig's own checks: top_k <= num_experts, rank >= 1, dropout, ...
+        else:
+            _int(self, "rank", 1)
+            if not (isinstance(self.dropout, float) and 0 <= self.dropout < 1):
+                raise PerftError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+            if self.method == "lora-experts" and self.dropout != 0:
+                raise PerftError(
+                    "lora-experts (PEFT LoRA on the fused expert tensors) does not support dropout: set --dropout 0"
+                )
+        if self.load_best_at_end and self.val_set_size > 0 and self.save_steps % self.eval_steps:
+            raise PerftError(
+                f"save_steps={self.save_steps} is not a multiple of eval_steps={self.eval_steps}: the best "
+                "checkpoint by validation loss might never be saved; align them or pass --no-load-best-at-end"
+            )
+        if self.resume is not None and not isinstance(self.resume, str):
+            raise PerftError(f"resume must be 'latest', 'auto' or a checkpoint directory, got {self.resume!r}")
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def reporters(self) -> list[str]:
+        names = [r.strip().lower() for r in str(self.report_to).split(",") if r.strip()]
+        return [] if names in ([], ["none"]) else names
+
+    def micro_batch_size_for(self, world_size: int) -> int:
+        if self.micro_batch_size is not None:
+            return self.micro_batch_size
+        return max(1, self.batch_size // max(world_size, 1))
+
+    def grad_accumulation(self, world_size: int) -> int:
+        return self.batch_size // (self.micro_batch_size_for(world_size) * world_size)
+
+    def perft_config(self) -> PerftConfig:
+        """The PERFT adapter part of this run (validated by `PerftConfig`)."""
+        return PerftConfig(
+            variant=self.variant, adapter=self.adapter, num_experts=self.num_experts, top_k=self.top_k,
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, activation=self.activation,
+            normalize_top_k=self.normalize_top_k, router_aux_loss_coef=self.router_aux_loss_coef,
+            layers=self.layers, adapter_dtype=self.adapter_dtype,
+        )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """The settings a resumed run must share with the run that wrote the checkpoint."""
+        data = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES and k != "data"}
+        model = Path(str(self.model)).expanduser()
+        data["model"] = str(model.resolve()) if model.exists() else str(self.model)
+        if self.tokenizer:
+            tok = Path(self.tokenizer).expanduser()
+            data["tokenizer"] = str(tok.resolve()) if tok.exists() else self.tokenizer
+        return data
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML config file into a dict, with one-line errors."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise PerftError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise PerftError(f"config file {path} is not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise PerftError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise PerftError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
+    return data
+
+
+def _int(cfg: TrainingConfig, name: str, minimum: int) -> None:
+    value = getattr(cfg, name)
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise PerftError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _number(cfg: TrainingConfig, name: str, positive: bool = False) -> None:
+    value = getattr(cfg, name)
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    ok = ok and (value > 0 if positive else value >= 0)
+    if not ok:
+        raise PerftError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
