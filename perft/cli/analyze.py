@@ -8,6 +8,7 @@ model is loaded. Output: `analysis.json`, `figures/*.png` and a self-contained
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import Any
 
@@ -76,6 +77,20 @@ def parse_layers(text: str | None) -> list[int] | None:
     return sorted(set(layers))
 
 
+def _check_layers_exist(model: str, layers: list[int]) -> None:
+    """Catch a layer index beyond the model's depth from its config.json, before the load."""
+    config_path = Path(model) / "config.json"
+    if not layers or not config_path.is_file():
+        return
+    try:
+        config = json.loads(config_path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return
+    depth = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
+    if isinstance(depth, int) and max(layers) >= depth:
+        raise PerftError(f"layer {max(layers)} does not exist: {model} has {depth} layers (0-{depth - 1})")
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -109,6 +124,11 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise PerftError(f"--output {output} exists and is not a folder")
+    _check_layers_exist(args.model, (options.layers or []) + (options.projection_layers or []))
+    if args.no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
