@@ -63,6 +63,7 @@ def trained(tmp_path_factory):
         optimizer.step()
         model.save_pretrained(root / "run" / f"checkpoint-{step}")
     model.save_pretrained(root / "routed")
+    model.save_pretrained(root / "run" / ".tmp-checkpoint-4")  # a checkpoint still being written: ignored
     model.unload()
     single = get_perft_model(base, PerftConfig(variant="single", rank=4, dropout=0.0))
     single.save_pretrained(root / "single")

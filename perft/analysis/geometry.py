@@ -236,13 +236,19 @@ _STEP = re.compile(r"(\d+)(?!.*\d)")
 
 
 def find_checkpoints(run_dir: str | Path) -> list[tuple[int | None, str, Path]]:
-    """Adapter directories under `run_dir` as (step, label, dir), by step (unnumbered last)."""
+    """Adapter directories under `run_dir` as (step, label, dir), by step (unnumbered last).
+
+    The step is the last number in the directory's name (`checkpoint-80` -> 80); hidden
+    directories (a checkpoint being written) are skipped.
+    """
     root = Path(run_dir)
     if not root.is_dir():
         raise PerftError(f"checkpoint directory {root} does not exist")
     found: list[tuple[int | None, str, Path]] = []
     for weights in sorted(root.rglob(WEIGHTS_NAME)):
         directory = weights.parent
+        if any(part.startswith(".") for part in directory.relative_to(root).parts):
+            continue  # e.g. `.tmp-checkpoint-N/`, a checkpoint still being written
         label = directory.relative_to(root).as_posix()
         label = "final" if label == "." else label
         match = _STEP.search(directory.name) if directory != root else None
