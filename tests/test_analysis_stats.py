@@ -284,3 +284,32 @@ def test_key_memory_rows_are_the_up_projection(arch):
     keys, ids = base_key_vectors(block, per_expert=3, seed=1)
     assert keys.shape == (rows.shape[0] * 3, D) and ids.tolist() == np.repeat(np.arange(rows.shape[0]), 3).tolist()
     assert any(np.allclose(keys[0], r) for r in rows[0].detach().numpy())
+
+
+def test_streaming_in_batches_equals_one_pass():
+    """Accumulating batch by batch (with masks and groups) gives the one-pass numbers."""
+    g = torch.Generator().manual_seed(3)
+    tokens, experts, k = 50, 6, 2
+    probs = torch.softmax(torch.randn(tokens, experts, generator=g) * 2, -1)
+    weights, index = probs.topk(k, dim=-1)
+    mask = torch.rand(tokens, generator=g) > 0.2
+    groups = torch.randint(0, 3, (tokens,), generator=g)
+    adapter_index = torch.randint(0, 4, (tokens, 1), generator=g)
+    whole, parts = RoutingCounts(experts, k, num_groups=3), RoutingCounts(experts, k, num_groups=3)
+    co_whole, co_parts = CoOccurrence(4, experts, num_groups=3), CoOccurrence(4, experts, num_groups=3)
+    whole.update(index, weights=weights, probs=probs, mask=mask, groups=groups)
+    co_whole.update(adapter_index, index, mask=mask, groups=groups)
+    for lo, hi in ((0, 7), (7, 31), (31, 50)):
+        parts.update(index[lo:hi], weights=weights[lo:hi], probs=probs[lo:hi], mask=mask[lo:hi], groups=groups[lo:hi])
+        co_parts.update(adapter_index[lo:hi], index[lo:hi], mask=mask[lo:hi], groups=groups[lo:hi])
+    for group in (None, 0, 1, 2):
+        a, b = whole.summary(group), parts.summary(group)
+        assert a["counts"] == b["counts"] and a["topk_weight_hist"] == b["topk_weight_hist"]
+        assert a["balance_coef"] == pytest.approx(b["balance_coef"]) and a["token_entropy"] == pytest.approx(b["token_entropy"])
+        assert co_whole.summary(group)["counts"] == co_parts.summary(group)["counts"]
+    # against a direct count of the kept tokens
+    kept = index[mask]
+    assert whole.summary()["counts"] == np.bincount(kept.reshape(-1).numpy(), minlength=experts).tolist()
+    in_group1 = index[mask & (groups == 1)]
+    assert whole.summary(1)["tokens"] == in_group1.shape[0]
+    assert whole.summary(1)["counts"] == np.bincount(in_group1.reshape(-1).numpy(), minlength=experts).tolist()

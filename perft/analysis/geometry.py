@@ -202,7 +202,8 @@ def _embed(
     except ImportError:  # pragma: no cover - depends on the installation
         raise PerftError("the UMAP projection needs umap-learn: pip install 'perft[analysis]', or use --projection pca") from None
     reducer = umap.UMAP(
-        n_neighbors=max(2, min(n_neighbors, data.shape[0] - 1)), min_dist=min_dist, n_components=2, random_state=seed
+        n_neighbors=max(2, min(n_neighbors, data.shape[0] - 1)), min_dist=min_dist, n_components=2,
+        random_state=seed, n_jobs=1,  # a seed makes UMAP single-threaded anyway
     )
     return np.asarray(reducer.fit_transform(reduced)), k, float(ratio[k - 1])
 

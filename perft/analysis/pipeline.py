@@ -8,12 +8,12 @@ projection, and unloaded again, so runs are compared on identical base weights.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from perft.analysis.data import prepare_data
@@ -103,10 +103,10 @@ def analyze(
     """
     from perft.model import PerftModel
 
-    options = options or AnalysisOptions()
+    options = dataclasses.replace(options or AnalysisOptions())
     options.validate()
-    if not adapters and not options.with_base:
-        options.with_base = True
+    if not adapters:
+        options.with_base = True  # nothing else to look at
     data = prepare_data(data_path, split_by=options.split_by, max_samples=options.max_samples)
     configs = [check_adapter_dir(a) for a in adapters]
     if options.checkpoints is not None:
@@ -188,7 +188,3 @@ def _config_facts(config: PerftConfig | None) -> dict[str, Any] | None:
     if config is None:
         return None
     return {k: getattr(config, k) for k in ("variant", "adapter", "num_experts", "top_k", "rank", "layers")}
-
-
-def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
