@@ -51,6 +51,7 @@ from perft.training.distributed import (
 ADAPTER_DIR = "adapter"
 METRICS_NAME = "metrics.jsonl"
 LENGTH_GROUP_MULTIPLIER = 50  # as transformers' LengthGroupedSampler
+# Called after every optimiser step with {"step", "loss", "lr", "checkpoint" (path or None), "model"}.
 Callback = Callable[[dict[str, Any]], None]
 
 
@@ -371,7 +372,8 @@ class Trainer:
                     saved = self._save(step, steps_per_epoch, optimizer, scheduler, data)
                     last_saved = step
                 for callback in self.callbacks:
-                    callback({"step": step, "loss": stats["loss"], "lr": lr, "checkpoint": saved})
+                    callback({"step": step, "loss": stats["loss"], "lr": lr, "checkpoint": saved,
+                              "model": unwrap(self.model)})
                 if ctx.any(self._signal is not None):
                     if last_saved != step:
                         self._save(step, steps_per_epoch, optimizer, scheduler, data)
