@@ -59,10 +59,19 @@ def write_report(result: dict[str, Any], output: str | Path) -> dict[str, Path]:
     for name, path in drawn.items():
         if path is not None:
             written[name] = path
+        else:  # not drawn this time: a figure left by an earlier analysis here would mislead
+            (figures / f"{name}.png").unlink(missing_ok=True)
     html_path = out / HTML_NAME
     atomic_write_text(html_path, render_html(result, {k: v for k, v in drawn.items() if v is not None}))
     written["html"] = html_path
+    for path in (json_path, html_path):
+        _readable(path)
     return written
+
+
+def _readable(path: Path) -> None:
+    """Atomic writes create 0600 files; a report is meant to be shared (as the PNGs are)."""
+    path.chmod(0o644)
 
 
 _CAPTIONS = {
