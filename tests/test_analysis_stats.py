@@ -214,6 +214,11 @@ def test_live_stats_of_embedded_follow_the_base_router():
     stats = last_routing_stats(model, MASK)
     assert stats["model.layers.0.mlp"]["counts"] == [4, 2, 2, 2, 2, 0, 0, 0]
     assert stats["model.layers.0.mlp"]["variant"] == "embedded"
+    dense, _ = known_model("dense")  # no adapter routing: nothing to log, no error in a training loop
+    record_routing(dense)
+    with torch.no_grad():
+        dense(input_ids=IDS, attention_mask=MASK)
+    assert dense.routing_stats() == {} and summarize_last_routing(dense) == {}
 
 
 # ---------------------------------------------------------------------- formulas and edge cases
