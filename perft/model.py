@@ -63,11 +63,33 @@ class PerftModel(nn.Module):
         """Module path of each adapted MoE block -> its PerftLayer."""
         return dict(self._layers)
 
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        """The base model's forward, plus the PERFT-R load-balance loss when it is enabled."""
-        mask = kwargs.get("attention_mask")
+    def get_base_model(self) -> nn.Module:
+        """The wrapped Hugging Face model (with adapters attached), as PEFT names it."""
+        return self.base_model
+
+    def forward(
+        self,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        **kwargs: Any,
+    ) -> Any:
+        """The base model's forward, plus the PERFT-R load-balance loss when it is enabled.
+
+        The explicit argument names let `transformers.Trainer` see which data columns the
+        model consumes.
+        """
+        args: tuple = ()
+        if input_ids is not None:
+            if _is_hf_model(self.base_model):
+                kwargs["input_ids"] = input_ids
+            else:  # a plain torch module takes its input positionally
+                args = (input_ids,)
+        for name, value in (("attention_mask", attention_mask), ("labels", labels)):
+            if value is not None:
+                kwargs[name] = value
         for layer in self._layers.values():
-            layer.token_mask = mask
+            layer.token_mask = attention_mask
             layer.balance_terms = None
         try:
             outputs = self.base_model(*args, **kwargs)
@@ -75,7 +97,7 @@ class PerftModel(nn.Module):
             for layer in self._layers.values():
                 layer.token_mask = None
         aux = self.router_balance_loss()
-        if aux is not None:
+        if aux is not None and isinstance(outputs, dict):
             outputs["perft_aux_loss"] = aux
             if getattr(outputs, "loss", None) is not None:
                 outputs["loss"] = outputs.loss + self.perft_config.router_aux_loss_coef * aux.to(outputs.loss.dtype)
@@ -243,6 +265,12 @@ def check_compatible(config: PerftConfig, base_model: nn.Module) -> None:
     missing = sorted(set(config.base_shapes.get("moe_blocks", [])) - set(actual["moe_blocks"]))
     if missing:
         raise PerftError(f"the base model has no MoE block at {missing[:3]}: the adapter was built for a deeper model")
+
+
+def _is_hf_model(model: nn.Module) -> bool:
+    from transformers import PreTrainedModel
+
+    return isinstance(model, PreTrainedModel)
 
 
 def _select_layers(blocks: list[MoEBlockInfo], layers: list[int] | None) -> list[MoEBlockInfo]:
