@@ -190,6 +190,45 @@ def test_gradient_checkpointing_and_bf16_flags(ws, tmp_path):
         torch.isfinite(t).all() for t in adapter_tensors(bf16.adapter_dir).values())
 
 
+@pytest.fixture(scope="module")
+def mixtral_ws(tmp_path_factory):
+    return make_workspace(tmp_path_factory.mktemp("mixtral"), n_records=30, arch="mixtral")
+
+
+@pytest.mark.parametrize(
+    "arch, overrides",
+    [
+        ("olmoe", dict(variant="embedded", adapter="parallel")),
+        ("olmoe", dict(variant="dense", group_by_length=True, train_on_inputs=True)),
+        ("olmoe", dict(variant="single", val_set_size=0, layers=[1])),
+        ("mixtral", dict(variant="routed", base_router_aux_loss_coef=0.02, router_aux_loss_coef=0.02)),
+    ],
+)
+def test_every_variant_trains(ws, mixtral_ws, tmp_path, arch, overrides):
+    workspace = mixtral_ws if arch == "mixtral" else ws
+    with one_thread():
+        result = train(config(workspace, tmp_path / "out", max_steps=3, **overrides))
+    start = read_metrics(tmp_path / "out")[0]
+    assert result.status == "completed" and start["trainable_params"] > 0
+    tensors = adapter_tensors(result.adapter_dir)
+    assert all(torch.isfinite(t).all() for t in tensors.values())
+    assert any(t.abs().max() > 0 for name, t in tensors.items() if name.endswith(("lora_B", "adapter_up")))
+    if overrides.get("layers"):
+        assert all(".layers.1." in name for name in tensors)
+
+
+def test_wandb_without_the_package_is_a_clear_error(ws, tmp_path):
+    try:
+        import wandb  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        pytest.skip("wandb is installed here")
+    with pytest.raises(PerftError, match="needs the wandb package"):
+        train(config(ws, tmp_path / "out", report_to="wandb"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.parametrize("method", ["lora-attn", "lora-experts"])
 def test_lora_baselines_train_and_reload_with_peft(ws, tmp_path, method):
     from peft import PeftModel

@@ -771,6 +771,9 @@ class Trainer:
         ]
         if resumed_at is not None:
             lines.append(f"resumed at step {resumed_at}")
+        else:
+            self._emit({"step": 0, "trainable_params": trainable, "all_params": total,
+                        "trainable_pct": 100 * trainable / total})
         self._print("\n".join(lines))
         if ctx.is_main and getattr(self, "_tb", None) is not None:
             self._tb.add_text("run", "\n\n".join(lines), resumed_at or 0)
