@@ -226,6 +226,13 @@ class Trainer:
         cfg.validate(ctx.world_size)
         self._reporters()
         resume_from = self._check_output_and_resume()
+        if ctx.distributed:  # every process must continue from the same place (checkpoints on a shared disk)
+            chosen = ctx.broadcast_object(str(resume_from) if resume_from else None)
+            if ctx.any(chosen != (str(resume_from) if resume_from else None)):
+                raise PerftError(
+                    f"the processes disagree on the checkpoint to resume from (rank 0: {chosen}); put --output on "
+                    "a file system that every node sees"
+                )
         preflight_model(cfg)
         tokenizer = self._load_tokenizer()
         data = prepare_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len, val_set_size=cfg.val_set_size,
@@ -277,12 +284,18 @@ class Trainer:
                     shutil.rmtree(target)
                 elif target.exists():
                     target.unlink()
-        atomic_write_text(self.out / "training_config.yaml", yaml.safe_dump(self.cfg.to_dict(), sort_keys=False))
+        saved = {**self.cfg.to_dict(), "resume": None, "overwrite_output_dir": False}  # rerunning it starts no surprise
+        atomic_write_text(self.out / "training_config.yaml", yaml.safe_dump(saved, sort_keys=False))
         metrics = self.out / METRICS_NAME
         if resume_state is not None and metrics.exists():  # drop what the killed run logged after its checkpoint
             step = resume_state["global_step"]
-            keep = [line for line in metrics.read_text(encoding="utf-8").splitlines()
-                    if line.strip() and json.loads(line).get("step", 0) <= step]
+            keep = []
+            for line in metrics.read_text(encoding="utf-8").splitlines():
+                try:
+                    if json.loads(line).get("step", 0) <= step:
+                        keep.append(line)
+                except json.JSONDecodeError:  # a line torn by the kill
+                    continue
             atomic_write_text(metrics, "".join(line + "\n" for line in keep))
 
     # ------------------------------------------------------------------ the loop
@@ -595,7 +608,9 @@ class Trainer:
         record: dict[str, Any] = {"step": step, "val_loss": val_loss}
         if loads:
             record.update({f"router_{k}": v for k, v in self.router_summary(loads).items()}, router_load=loads)
-        improved = self.best_val is None or val_loss < self.best_val
+        if count == 0:  # no response token survived the cutoff in any validation example
+            val_loss = float("nan")
+        improved = count > 0 and (self.best_val is None or val_loss < self.best_val)
         if step > 0 and improved:
             self.best_val, self.best_step = val_loss, step
         self._emit(record)
