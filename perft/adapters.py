@@ -54,7 +54,9 @@ class AdapterExperts(nn.Module):
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         factory = {"dtype": dtype, "device": device}
         self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size, **factory))
-        self.up = nn.Parameter(torch.zeros(num_experts, hidden_size, rank, **factory))
+        # `up` has shape [N, d, r] but lives in memory as [d, N, r] (a transposed view), so the
+        # second product reads it as one [d, N*r] matrix without copying it on every forward.
+        self.up = nn.Parameter(torch.zeros(hidden_size, num_experts, rank, **factory).transpose(0, 1))
         self.reset_parameters()
 
     @property
@@ -81,12 +83,19 @@ class AdapterExperts(nn.Module):
         h = F.linear(self.dropout(x), self.down.reshape(n * r, d))  # [T, N*r]
         if self.act is not None:
             h = self.act(h)
-        if weights is not None:
-            h = (h.view(-1, n, r) * weights.to(h.dtype).unsqueeze(-1)).view(-1, n * r)
-        if self.scaling != 1.0:
+        if weights is not None:  # the LoRA scale rides on the [T, N] weights, not the [T, N*r] middle
+            w = weights.to(h.dtype)
+            w = w * self.scaling if self.scaling != 1.0 else w
+            h = (h.view(-1, n, r) * w.unsqueeze(-1)).view(-1, n * r)
+        elif self.scaling != 1.0:
             h = h * self.scaling
-        up = self.up if n == 1 else self.up.transpose(0, 1)  # [d, N, r] view; one copy below
-        return F.linear(h, up.reshape(d, n * r))
+        return F.linear(h, self.up_matrix())
+
+    def up_matrix(self) -> torch.Tensor:
+        """`up` as the [d, N*r] matrix of the second product: a view while `up` keeps its
+        [d, N, r] memory layout (a copy only if something replaced it with another layout)."""
+        n, r, d = self.num_experts, self.rank, self.hidden_size
+        return self.up.transpose(0, 1).reshape(d, n * r)
 
 
 class AdapterRouter(nn.Module):

@@ -1,0 +1,320 @@
+"""Shared pieces of the benchmarks: models, the compared methods, timing and memory.
+
+Every method is built on one frozen base whose weight tensors are shared (not copied)
+between the compared models, so a run holds the base weights once. Timings are
+interleaved: each repeat runs every method once, in a rotating order, so slow drifts of a
+shared machine hit all methods alike; the reported figure is the median over repeats after
+warm-up.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import json
+import os
+import platform
+import statistics
+import subprocess
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# The PERFT settings benchmarked (the paper's typical ones for OLMoE): LoRA-form adapters,
+# rank 16, alpha 32, no dropout (PEFT's expert LoRA cannot use dropout, so no method does).
+PERFT_SETTINGS: dict[str, dict[str, Any]] = {
+    "perft-r": {"variant": "routed", "num_experts": 8, "top_k": 2, "rank": 16},
+    "perft-e": {"variant": "embedded", "rank": 16},
+    "perft-d": {"variant": "dense", "num_experts": 4, "rank": 16},
+    "perft-s": {"variant": "single", "rank": 16},
+}
+ALL_METHODS = ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv", "lora-experts", "loop-r")
+PERFT_LIKE = ("perft-r", "perft-e", "perft-d", "perft-s", "loop-r")
+
+
+# ---------------------------------------------------------------------------- machine
+def set_threads(threads: int) -> None:
+    """Pin torch's intra-op threads (and inter-op to 1) for the whole run."""
+    torch.set_num_threads(threads)
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # already set in this process
+        pass
+
+
+def machine_info(threads: int) -> dict[str, Any]:
+    """CPU model, core count and library versions of this run."""
+    import peft
+    import transformers
+
+    model = platform.processor() or "unknown"
+    try:
+        out = subprocess.run(["lscpu"], capture_output=True, text=True, check=False).stdout
+        for line in out.splitlines():
+            if line.startswith("Model name:"):
+                model = line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return {
+        "cpu": model,
+        "logical_cpus": os.cpu_count(),
+        "threads": threads,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "peft": peft.__version__,
+    }
+
+
+# ---------------------------------------------------------------------------- models
+def olmoe_layer_config(*, quick: bool, vocab_size: int = 1024, backend: str = "grouped_mm") -> Any:
+    """One decoder layer with OLMoE-1B-7B's shapes (or a tiny stand-in with `quick`)."""
+    from transformers import OlmoeConfig
+
+    if quick:
+        sizes = dict(hidden_size=64, intermediate_size=32, num_experts=16, num_experts_per_tok=4,
+                     num_attention_heads=4, num_key_value_heads=4)
+    else:
+        sizes = dict(hidden_size=2048, intermediate_size=1024, num_experts=64, num_experts_per_tok=8,
+                     num_attention_heads=16, num_key_value_heads=16)
+    cfg = OlmoeConfig(**sizes, num_hidden_layers=1, vocab_size=vocab_size, max_position_embeddings=4096,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    cfg._experts_implementation = backend
+    return cfg
+
+
+def small_model(*, quick: bool, backend: str = "grouped_mm") -> tuple[nn.Module, str]:
+    """The embedded small model if it has been built, else an OLMoE of the same recipe.
+
+    Returns (causal LM, description).
+    """
+    from transformers import AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM
+
+    path = None
+    if not quick:
+        try:
+            from perft import tiny
+
+            finder = getattr(tiny, "default_base_model_path", None)
+            path = finder() if finder is not None else None
+        except Exception:  # noqa: BLE001 - the embedded model is optional here
+            path = None
+    if path is not None and os.path.isdir(str(path)):
+        model = AutoModelForCausalLM.from_pretrained(str(path), experts_implementation=backend)
+        return model, f"embedded small model ({path})"
+    if quick:
+        sizes = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     num_experts=8, num_experts_per_tok=2, vocab_size=128)
+    else:  # the defaults of perft.tiny.pretrain.PretrainConfig
+        sizes = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                     num_experts=8, num_experts_per_tok=2, vocab_size=2048)
+    cfg = OlmoeConfig(**sizes, num_key_value_heads=sizes["num_attention_heads"], max_position_embeddings=1024,
+                      pad_token_id=0, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False,
+                      norm_topk_prob=False)
+    cfg._experts_implementation = backend
+    torch.manual_seed(0)
+    desc = ("random OLMoE, hidden {hidden_size}, {num_hidden_layers} layers, {num_experts} experts top-"
+            "{num_experts_per_tok}, expert width {intermediate_size}, vocab {vocab_size}").format(**sizes)
+    return OlmoeForCausalLM(cfg), desc
+
+
+def share_weights_copy(base: nn.Module) -> nn.Module:
+    """A structural copy of `base` whose parameters are the very same tensors (no memory)."""
+    memo = {id(p): p for p in base.parameters()}
+    return copy.deepcopy(base, memo)
+
+
+def count_trainable(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def moe_blocks(model: nn.Module) -> list[Any]:
+    from perft.arch import find_moe_blocks
+
+    return find_moe_blocks(model)
+
+
+def _lora_rank_for(target: int, per_rank: int) -> int:
+    return max(1, round(target / per_rank))
+
+
+def _qv_params_per_rank(model: nn.Module) -> int:
+    total = 0
+    for name, module in model.named_modules():
+        if isinstance(module, nn.Linear) and name.split(".")[-1] in ("q_proj", "v_proj"):
+            total += module.in_features + module.out_features
+    return total
+
+
+def _expert_params_per_rank(model: nn.Module) -> int:
+    total = 0
+    for block in moe_blocks(model):
+        for pname in ("gate_up_proj", "down_proj"):
+            e, a, b = getattr(block.experts, pname).shape
+            total += e * (a + b)
+    return total
+
+
+@dataclass
+class Method:
+    """One compared method, built on a weight-sharing copy of the base."""
+
+    name: str
+    model: nn.Module
+    trainable: int
+    note: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = None, seed: int = 0) -> Method:
+    """Build `name` (one of ALL_METHODS) on a copy of the frozen `base`."""
+    from peft import LoraConfig, get_peft_model
+
+    from perft import PerftConfig, get_perft_model
+
+    model = share_weights_copy(base)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    torch.manual_seed(seed)
+    if name == "base":
+        return Method(name, model, 0, "frozen; gradients to the inputs only")
+    if name.startswith("base@"):  # the frozen base with another experts_implementation
+        model.config._experts_implementation = name.split("@", 1)[1]
+        return Method(name, model, 0, f"frozen, experts backend {name.split('@', 1)[1]}")
+    if name in PERFT_SETTINGS or name == "loop-r":
+        settings = PERFT_SETTINGS["perft-r" if name == "loop-r" else name]
+        cfg = PerftConfig(adapter="lora", alpha=2.0 * settings["rank"], dropout=0.0, **settings)
+        wrapped = get_perft_model(model, cfg)
+        randomize_adapters(wrapped, seed)
+        layers = wrapped.perft_layers
+        first = next(iter(layers.values()))
+        note = f"N={first.num_experts}, " + (f"top-{cfg.top_k}, " if cfg.variant == "routed" else "") + f"r={cfg.rank}"
+        if cfg.variant == "embedded":
+            note = f"N={first.num_experts} (base top-k), r={cfg.rank}"
+        if name == "loop-r":
+            for layer in layers.values():
+                layer.delta = types.MethodType(loop_routed_delta, layer)
+            note += "; per-expert Python loop"
+        return Method(name, wrapped, count_trainable(wrapped), note)
+    if name == "lora-qv":
+        per_rank = _qv_params_per_rank(model)
+        rank = _lora_rank_for(perft_r_params or per_rank * 16, per_rank)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
+        wrapped = get_peft_model(model, cfg)
+        return Method(name, wrapped, count_trainable(wrapped), f"PEFT LoRA q,v r={rank}")
+    if name == "lora-experts":
+        per_rank = _expert_params_per_rank(model)
+        rank = _lora_rank_for(perft_r_params or per_rank, per_rank)
+        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[],
+                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+        wrapped = get_peft_model(model, cfg)
+        return Method(name, wrapped, count_trainable(wrapped), f"PEFT LoRA on fused experts r={rank}")
+    raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
+
+
+def randomize_adapters(model: nn.Module, seed: int) -> None:
+    """Give the zero-initialised `up` tensors small random values (a mid-training adapter)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.requires_grad and name.endswith(".up"):
+                p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
+
+
+def loop_routed_delta(self: Any, x: torch.Tensor, base_index: Any = None, base_weights: Any = None) -> torch.Tensor:
+    """The reference design of PERFT-R: per adapter expert, index its tokens, compute, `index_add_`.
+
+    Bound onto a `PerftLayer` in place of its stacked `delta`; same parameters, same router.
+    """
+    ex = self.experts
+    h = x.to(ex.down.dtype)
+    _, dense, top_index = self.router(h)
+    out = torch.zeros_like(h)
+    for n in range(ex.num_experts):
+        token, _slot = torch.where(top_index == n)
+        if token.numel() == 0:
+            continue
+        mid = F.linear(h[token], ex.down[n])
+        mid = ex.act(mid) if ex.act is not None else mid * ex.scaling
+        y = F.linear(mid, ex.up[n]) * dense[token, n].unsqueeze(-1).to(h.dtype)
+        out.index_add_(0, token, y)
+    return out.to(x.dtype)
+
+
+# ---------------------------------------------------------------------------- measuring
+def interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
+                on_warmup: Callable[[str, int], None] | None = None) -> dict[str, list[float]]:
+    """Seconds per call of each fn: `warmup` untimed rounds, then `repeats` timed rounds, each
+    round calling every fn once in a rotating order. `on_warmup(name, round)` replaces the plain
+    call in warm-up rounds (e.g. to measure memory there)."""
+    names = list(fns)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    gc.collect()
+    gc.freeze()  # the library objects alive now are never garbage: keep them out of collections
+    for rnd in range(warmup + repeats):
+        shift = rnd % len(names)
+        for name in names[shift:] + names[:shift]:
+            gc.collect()
+            if rnd < warmup:
+                if on_warmup is not None:
+                    on_warmup(name, rnd)
+                else:
+                    fns[name]()
+                continue
+            start = time.perf_counter()
+            fns[name]()
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def peak_step_bytes(fn: Callable[[], None]) -> int:
+    """Peak bytes held by tensors allocated during one call of `fn`.
+
+    Uses torch.profiler's memory events: with `profile_memory=True` every allocation and free
+    through the c10 CPU allocator is reported with the running total of bytes allocated while
+    profiling. The peak of that total minus its value when the call starts is the step's peak
+    over the resident weights: activations saved for backward, temporaries, gradients. (Work
+    buffers that oneDNN/MKL allocate themselves are not seen; they are the same for every
+    method using the same kernels.)
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    gc.collect()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=False) as prof:
+        fn()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path, encoding="utf-8") as handle:
+            events = json.load(handle).get("traceEvents", [])
+    mem = [e["args"] for e in events if e.get("name") == "[memory]" and e.get("args", {}).get("Device Type", 0) == 0]
+    if not mem:
+        return 0
+    start = mem[0]["Total Allocated"] - mem[0]["Bytes"]
+    return max(0, max(m["Total Allocated"] for m in mem) - start)
+
+
+# ---------------------------------------------------------------------------- tables
+def fmt_ratio(value: float, base: float) -> str:
+    if base != base or value != value or base == 0:
+        return "-"
+    return f"{value / base:.3f}x"
+
+
+def markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)

@@ -1,0 +1,140 @@
+"""Greedy generation throughput (tokens/s) of the frozen base and of the adapted models.
+
+Same methods and targets as `step_time.py`; each repeat runs every method once in a
+rotating order, median over repeats after warm-up. One prompt (batch 1) of `--prompt`
+random tokens, exactly `--new-tokens` generated with the KV cache; tokens/s counts the
+generated tokens over the whole `generate` call (prefill included). PEFT models are not
+merged (as during training-time evaluation); PEFT's expert LoRA rebuilds the full expert
+weights on every forward, which its row shows.
+
+    .venv/bin/python benchmarks/generation.py --target layer small --dtype fp32
+    .venv/bin/python benchmarks/generation.py --quick
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import ALL_METHODS, DTYPES, Method  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", nargs="+", choices=("layer", "small"), default=["layer", "small"])
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32"])
+    p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
+    p.add_argument("--prompt", type=int, default=32, help="prompt length (tokens)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="eager", help="transformers experts_implementation of the base")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few tokens: checks that everything runs")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt, args.new_tokens, args.repeats = 8, 4, 1
+    return args
+
+
+def base_for(target: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    if target == "layer":
+        from transformers import OlmoeForCausalLM
+
+        cfg = common.olmoe_layer_config(quick=args.quick, backend=args.backend)
+        torch.manual_seed(0)
+        model = OlmoeForCausalLM(cfg)
+        desc = ("1-layer OlmoeForCausalLM, hidden {hidden_size}, {num_experts} experts top-{num_experts_per_tok}, "
+                "expert width {intermediate_size}, vocab {vocab_size}").format(**cfg.to_dict())
+    else:
+        model, desc = common.small_model(quick=args.quick, backend=args.backend)
+    return model.to(dtype).eval(), desc
+
+
+def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    base, desc = base_for(target, dtype, args)
+    gen = torch.Generator().manual_seed(7)
+    ids = torch.randint(3, base.config.vocab_size, (1, args.prompt), generator=gen)
+    methods: dict[str, Method] = {}
+    r_params = None
+    for name in sorted(args.methods, key=lambda n: n != "perft-r"):
+        methods[name] = common.build_method(name, base, perft_r_params=r_params)
+        if name == "perft-r":
+            r_params = methods[name].trainable
+    methods = {n: methods[n] for n in args.methods}
+    kwargs = dict(max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False,
+                  pad_token_id=0, use_cache=True)
+    lengths: dict[str, int] = {}
+
+    def runner(name: str, m: Method) -> Any:
+        m.model.eval()
+
+        def run() -> None:
+            with torch.no_grad():
+                out = m.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
+            lengths[name] = out.shape[1] - ids.shape[1]
+
+        return run
+
+    fns = {n: runner(n, m) for n, m in methods.items()}
+    times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+    result = {"target": target, "dtype": dtype_name, "description": desc, "prompt": args.prompt,
+              "new_tokens": args.new_tokens, "backend": args.backend, "methods": {}}
+    for n, m in methods.items():
+        t = common.median(times[n])
+        result["methods"][n] = {"trainable": m.trainable, "note": m.note, "gen_s": times[n], "gen_median_s": t,
+                                "generated": lengths.get(n), "tokens_per_s": lengths.get(n, 0) / t}
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    ms = result["methods"]
+    b = ms.get("base", {}).get("tokens_per_s", float("nan"))
+    header = ["method", "trainable", "generated", "s / generate", "tokens/s", "tokens/s / base", "setting"]
+    rows = [[n, f"{r['trainable']:,}", str(r["generated"]), f"{r['gen_median_s']:.3f}", f"{r['tokens_per_s']:.1f}",
+             common.fmt_ratio(r["tokens_per_s"], b), "frozen base" if n == "base" else r["note"]]
+            for n, r in ms.items()]
+    base_s = ms.get("base", {}).get("gen_s") or []
+    spread = ""
+    if base_s:
+        spread = f"base over repeats: min {min(base_s):.3f} s, max {max(base_s):.3f} s " \
+                 f"({(max(base_s) / min(base_s) - 1) * 100:.1f}% spread)"
+    title = (f"### generation, {result['target']} ({result['description']}), {result['dtype']}, batch 1, "
+             f"prompt {result['prompt']}, {result['new_tokens']} new tokens, experts backend {result['backend']}")
+    return f"{title}\n\n{common.markdown_table(header, rows)}\n\n{spread}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    info = common.machine_info(args.threads)
+    command = "python benchmarks/generation.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# generation  ({command})")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    results = []
+    for target in args.target:
+        for dtype_name in args.dtype:
+            t0 = time.time()
+            result = run_group(target, dtype_name, args)
+            result["wall_s"] = time.time() - t0
+            results.append(result)
+            print("\n" + render(result) + f"(group wall time {result['wall_s']:.0f} s)", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

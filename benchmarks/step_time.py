@@ -1,0 +1,260 @@
+"""Forward+backward step time, peak step memory and trainable parameters of PERFT and its peers.
+
+Compared side by side in one process, interleaved (every repeat runs every method once, in a
+rotating order), median of repeats after warm-up:
+
+  base          the frozen model alone, gradients to the inputs only (the floor of any adapter)
+  perft-r/e/d/s PERFT with the paper's typical settings (see common.PERFT_SETTINGS)
+  lora-qv       PEFT LoRA on attention q,v at about PERFT-R's trainable-parameter count
+  lora-experts  PEFT LoRA on the fused expert tensors (`target_parameters`), same budget
+  loop-r        PERFT-R computed by a per-expert Python loop (index, compute, index_add_)
+
+Targets: `layer` (one decoder layer with OLMoE-1B-7B's shapes, random weights, a 1-layer
+`OlmoeModel` fed `inputs_embeds`) and `small` (the embedded small model, or the same recipe
+with random weights if it has not been built). Peak memory is measured in the warm-up round
+(see `common.peak_step_bytes`); the adapter part is timed in isolation on one layer.
+
+    .venv/bin/python benchmarks/step_time.py --target layer --dtype fp32
+    .venv/bin/python benchmarks/step_time.py --quick        # seconds; shapes too small to mean anything
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+from common import ALL_METHODS, DTYPES, PERFT_LIKE, Method  # noqa: E402
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--target", nargs="+", choices=("layer", "small"), default=None,
+                   help="what to benchmark (default: layer; with --quick: layer small)")
+    p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32"])
+    p.add_argument("--methods", nargs="+", default=list(ALL_METHODS),
+                   help=f"any of {', '.join(ALL_METHODS)}, or base@BACKEND (the base with another experts backend)")
+    p.add_argument("--tokens", type=int, default=2048, help="tokens per step (layer: one sequence)")
+    p.add_argument("--seq-len", type=int, default=256, help="small model: sequence length (batch = tokens / seq-len)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="eager",
+                   help="transformers experts_implementation of the base (eager: the fastest on CPU, see docs)")
+    p.add_argument("--no-memory", action="store_true", help="skip the profiled memory measurement")
+    p.add_argument("--adapter-repeats", type=int, default=7, help="repeats of the isolated adapter timing")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, 1 repeat: checks that everything runs")
+    p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
+    args = p.parse_args(argv)
+    for name in args.methods:
+        if name not in ALL_METHODS and not name.startswith("base@"):
+            p.error(f"unknown method {name!r}")
+    if args.target is None:
+        args.target = ["layer", "small"] if args.quick else ["layer"]
+    if args.quick:
+        args.tokens, args.seq_len, args.repeats, args.adapter_repeats = 64, 32, 1, 2
+    if args.tokens % args.seq_len and "small" in args.target:
+        p.error("--tokens must be a multiple of --seq-len")
+    return args
+
+
+# ---------------------------------------------------------------------------- steps
+def make_step(method: Method, target: str, inputs: dict[str, torch.Tensor]) -> Callable[[], None]:
+    """One training step's compute: forward, backward to the inputs and the trainable tensors."""
+    model = method.model
+    params = [p for p in model.parameters() if p.requires_grad]
+    model.train()
+
+    def step() -> None:
+        x = inputs["embeds"].detach().requires_grad_(True)
+        if target == "layer":
+            out = model(inputs_embeds=x, use_cache=False).last_hidden_state
+            out.backward(inputs["grad"])
+        else:
+            model(inputs_embeds=x, labels=inputs["labels"], use_cache=False).loss.backward()
+        for p in params:
+            p.grad = None
+
+    return step
+
+
+def build_inputs(target: str, base: torch.nn.Module, tokens: int, seq_len: int, dtype: torch.dtype) -> dict:
+    gen = torch.Generator().manual_seed(1234)
+    d = base.config.hidden_size
+    if target == "layer":
+        embeds = torch.randn(1, tokens, d, generator=gen).to(dtype)
+        return {"embeds": embeds, "grad": torch.randn(1, tokens, d, generator=gen).to(dtype)}
+    ids = torch.randint(3, base.config.vocab_size, (tokens // seq_len, seq_len), generator=gen)
+    with torch.no_grad():
+        embeds = base.get_input_embeddings()(ids)
+    return {"embeds": embeds, "labels": ids}
+
+
+def base_for(target: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
+    if target == "layer":
+        from transformers import OlmoeModel
+
+        cfg = common.olmoe_layer_config(quick=args.quick, backend=args.backend)
+        torch.manual_seed(0)
+        model = OlmoeModel(cfg)
+        desc = ("1-layer OlmoeModel, hidden {hidden_size}, {num_experts} experts top-{num_experts_per_tok}, "
+                "expert width {intermediate_size}, {num_attention_heads} heads").format(**cfg.to_dict())
+    else:
+        model, desc = common.small_model(quick=args.quick, backend=args.backend)
+    return model.to(dtype).eval(), desc
+
+
+# ---------------------------------------------------------------------------- adapter part
+def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, repeats: int) -> dict[str, dict]:
+    """Isolated adapter cost on the first adapted layer: fwd+bwd at `tokens`, fwd at 1 token."""
+    perft = {n: m for n, m in methods.items() if n in PERFT_LIKE}
+    if not perft:
+        return {}
+    first = next(iter(perft.values()))
+    path, layer = next(iter(first.model.perft_layers.items()))
+    block = first.model.base_model.get_submodule(path)
+    d = layer.experts.hidden_size
+    gen = torch.Generator().manual_seed(99)
+    x0 = torch.randn(tokens, d, generator=gen).to(dtype)
+    gy = torch.randn(tokens, d, generator=gen).to(dtype)
+    with torch.no_grad():
+        _, base_w, base_idx = block.gate(x0)
+    one = x0[:1].clone()
+    one_w, one_idx = base_w[:1].clone(), base_idx[:1].clone()
+
+    train_fns: dict[str, Callable[[], None]] = {}
+    infer_fns: dict[str, Callable[[], None]] = {}
+    for name, m in perft.items():
+        lay = next(iter(m.model.perft_layers.values()))
+        params = [p for p in lay.parameters() if p.requires_grad]
+
+        def train(lay: Any = lay, params: list = params) -> None:
+            x = x0.detach().requires_grad_(True)
+            lay.delta(x, base_idx, base_w).backward(gy)
+            for p in params:
+                p.grad = None
+
+        def infer(lay: Any = lay) -> None:
+            with torch.no_grad():
+                for _ in range(20):
+                    lay.delta(one, one_idx, one_w)
+
+        train_fns[name], infer_fns[name] = train, infer
+    result: dict[str, dict] = {n: {} for n in perft}
+    train_t = common.interleaved(train_fns, warmup=1, repeats=repeats)
+    infer_t = common.interleaved(infer_fns, warmup=2, repeats=repeats * 3)
+    for n in perft:
+        result[n]["train_ms"] = common.median(train_t[n]) * 1e3
+        result[n]["infer_1tok_us"] = common.median(infer_t[n]) / 20 * 1e6
+    if "perft-r" in perft and "loop-r" in perft:  # the reference computes the same function
+        with torch.no_grad():
+            a = next(iter(perft["perft-r"].model.perft_layers.values())).delta(x0[:256])
+            b = next(iter(perft["loop-r"].model.perft_layers.values())).delta(x0[:256])
+        result["loop-r"]["max_abs_diff_vs_perft_r"] = float((a.float() - b.float()).abs().max())
+    return result
+
+
+# ---------------------------------------------------------------------------- one run
+def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
+    dtype = DTYPES[dtype_name]
+    t0 = time.time()
+    base, desc = base_for(target, dtype, args)
+    inputs = build_inputs(target, base, args.tokens, args.seq_len, dtype)
+    methods: dict[str, Method] = {}
+    r_params = None
+    order = sorted(args.methods, key=lambda n: n != "perft-r")  # perft-r first: its size sets the LoRA ranks
+    for name in order:
+        methods[name] = common.build_method(name, base, perft_r_params=r_params)
+        if name == "perft-r":
+            r_params = methods[name].trainable
+    methods = {n: methods[n] for n in args.methods}
+    steps = {n: make_step(m, target, inputs) for n, m in methods.items()}
+    build_s = time.time() - t0
+
+    memory: dict[str, int] = {}
+
+    def warm(name: str, rnd: int) -> None:
+        if rnd == 0 and not args.no_memory:
+            memory[name] = common.peak_step_bytes(steps[name])
+        else:
+            steps[name]()
+
+    times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, on_warmup=warm)
+    part = adapter_part(methods, args.tokens, dtype, args.adapter_repeats)
+    result = {
+        "target": target, "dtype": dtype_name, "description": desc, "tokens": args.tokens,
+        "backend": args.backend, "build_s": build_s, "methods": {},
+    }
+    for n, m in methods.items():
+        result["methods"][n] = {
+            "trainable": m.trainable, "note": m.note, "step_s": times[n], "step_median_s": common.median(times[n]),
+            "peak_step_bytes": memory.get(n), **part.get(n, {}),
+        }
+    return result
+
+
+def render(result: dict[str, Any]) -> str:
+    ms = result["methods"]
+    base = ms.get("base", {})
+    b_step, b_mem = base.get("step_median_s", float("nan")), base.get("peak_step_bytes") or float("nan")
+    loop = ms.get("loop-r", {}).get("train_ms", float("nan"))
+    header = ["method", "trainable", "step ms", "step / base", "adapter ms (step - base)", "peak MiB",
+              "peak / base", "adapter fwd+bwd ms (isolated)", "loop-r / this", "adapter fwd 1 tok us", "setting"]
+    rows = []
+    for n, r in ms.items():
+        step = r["step_median_s"]
+        mem = r.get("peak_step_bytes")
+        train = r.get("train_ms")
+        rows.append([
+            n, f"{r['trainable']:,}", f"{step * 1e3:.0f}", common.fmt_ratio(step, b_step),
+            "-" if n == "base" else f"{(step - b_step) * 1e3:+.0f}",
+            "-" if mem is None else f"{mem / 2**20:.1f}", "-" if mem is None else common.fmt_ratio(mem, b_mem),
+            "-" if train is None else f"{train:.1f}",
+            "-" if train is None else common.fmt_ratio(loop, train),
+            "-" if r.get("infer_1tok_us") is None else f"{r['infer_1tok_us']:.0f}",
+            r["note"],
+        ])
+    spread = ""
+    if base.get("step_s"):
+        lo, hi = min(base["step_s"]), max(base["step_s"])
+        spread = f"base step over repeats: min {lo * 1e3:.0f} ms, max {hi * 1e3:.0f} ms ({(hi / lo - 1) * 100:.1f}% spread)"
+    title = f"### {result['target']} ({result['description']}), {result['dtype']}, {result['tokens']} tokens, " \
+            f"experts backend {result['backend']}"
+    extra = ""
+    if "max_abs_diff_vs_perft_r" in ms.get("loop-r", {}):
+        extra = f"\nloop-r vs perft-r adapter output, max |diff|: {ms['loop-r']['max_abs_diff_vs_perft_r']:.2e}"
+    return f"{title}\n\n{common.markdown_table(header, rows)}\n\n{spread}{extra}\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    common.set_threads(args.threads)
+    info = common.machine_info(args.threads)
+    command = "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# step time  ({command})")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    results = []
+    for target in args.target:
+        for dtype_name in args.dtype:
+            t0 = time.time()
+            result = run_group(target, dtype_name, args)
+            result["wall_s"] = time.time() - t0
+            results.append(result)
+            print("\n" + render(result) + f"(group wall time {result['wall_s']:.0f} s)", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

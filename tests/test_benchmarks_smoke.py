@@ -1,0 +1,55 @@
+"""The benchmark scripts run end to end in --quick mode and print every compared method.
+
+Timings are not asserted: --quick uses tiny shapes on a shared machine; the measured
+numbers live in docs/benchmarks.md.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv", "lora-experts", "loop-r")
+
+
+def _run(script: str, *args: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", *args],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    return proc.stdout
+
+
+def _rows(out: str, title: str) -> dict[str, list[str]]:
+    """The table rows (method -> cells) of the section whose title contains `title`."""
+    section = out.split(title, 1)[1].split("###", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in METHODS:
+            rows[cells[0]] = cells
+    return rows
+
+
+@pytest.mark.parametrize("target", ["layer", "small"])
+def test_step_time_quick_prints_every_method(target, tmp_path):
+    out = _run("step_time.py", "--target", target, "--json", str(tmp_path / "r.json"))
+    rows = _rows(out, f"### {target} (")
+    assert set(rows) == set(METHODS)
+    assert rows["base"][3] == "1.000x"  # step / base
+    assert rows["base"][1] == "0" and all(int(rows[m][1].replace(",", "")) > 0 for m in METHODS[1:])
+    assert rows["perft-r"][1] == rows["loop-r"][1]  # the reference design has the very same tensors
+    assert "max |diff|" in out
+    assert (tmp_path / "r.json").is_file()
+
+
+def test_generation_quick_prints_every_method():
+    out = _run("generation.py", "--target", "layer")
+    rows = _rows(out, "### generation, layer")
+    assert set(rows) == set(METHODS)
+    assert all(rows[m][2] == "4" for m in METHODS)  # every method generated the requested tokens
