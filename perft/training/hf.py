@@ -7,11 +7,9 @@ frozen base included) and cannot be loaded back as a best checkpoint or on resum
 and every load (resume, best checkpoint) read it back:
 
     from perft.training.hf import PerftTrainer, PerftSFTTrainer
-    trainer = PerftTrainer(model=perft_model, args=TrainingArguments(..., remove_unused_columns=False), ...)
+    trainer = PerftTrainer(model=perft_model, args=TrainingArguments(...), ...)
 
-or mix it into your own subclass: `class MyTrainer(PerftTrainerMixin, SFTTrainer): ...`.
-`remove_unused_columns=False` is needed with `transformers.Trainer` because `PerftModel.forward`
-takes `**kwargs`, which hides the base model's argument names from the column filter.
+or mix it into your own subclass: `class MyTrainer(PerftTrainerMixin, Trainer): ...`.
 """
 
 from __future__ import annotations
