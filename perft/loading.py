@@ -26,13 +26,14 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> Any:
     return _DTYPES[dtype]
 
 
-def _check_local(name_or_path: str) -> None:
+def check_local_path(name_or_path: str, *, needs_config: bool = True) -> None:
+    """A local-looking path must exist (and hold a config.json for a model); hub names pass through."""
     path = Path(name_or_path)
     looks_local = path.is_absolute() or name_or_path.startswith((".", "~")) or path.exists()
     if looks_local:
         if not path.exists():
-            raise PerftError(f"model path {name_or_path} does not exist")
-        if path.is_dir() and not (path / "config.json").is_file():
+            raise PerftError(f"path {name_or_path} does not exist")
+        if needs_config and path.is_dir() and not (path / "config.json").is_file():
             raise PerftError(f"{name_or_path} has no config.json: it is not a Hugging Face model directory")
 
 
@@ -48,7 +49,7 @@ def load_base_model(
     """`AutoModelForCausalLM.from_pretrained` with safetensors only and clear errors."""
     from transformers import AutoModelForCausalLM
 
-    _check_local(str(name_or_path))
+    check_local_path(str(name_or_path))
     extra: dict[str, Any] = dict(kwargs)
     if experts_implementation is not None:
         extra["experts_implementation"] = experts_implementation
@@ -71,7 +72,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
     """Load a tokenizer; one without a pad token gets its EOS token as pad (said once, on stderr)."""
     from transformers import AutoTokenizer
 
-    _check_local(str(name_or_path))
+    check_local_path(str(name_or_path), needs_config=False)
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:

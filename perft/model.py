@@ -88,14 +88,12 @@ class PerftModel(nn.Module):
         for name, value in (("attention_mask", attention_mask), ("labels", labels)):
             if value is not None:
                 kwargs[name] = value
+        # The mask stays set after the call: a gradient-checkpointed layer re-runs its forward
+        # during backward and must take the same (masked) path.
         for layer in self._layers.values():
             layer.token_mask = attention_mask
             layer.balance_terms = None
-        try:
-            outputs = self.base_model(*args, **kwargs)
-        finally:
-            for layer in self._layers.values():
-                layer.token_mask = None
+        outputs = self.base_model(*args, **kwargs)
         aux = self.router_balance_loss()
         if aux is not None and isinstance(outputs, dict):
             outputs["perft_aux_loss"] = aux

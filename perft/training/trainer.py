@@ -89,10 +89,10 @@ def preflight_model(cfg: TrainingConfig) -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     from perft.arch import require_moe_blocks
-    from perft.loading import _check_local
+    from perft.loading import check_local_path
     from perft.model import get_perft_model
 
-    _check_local(str(cfg.model))
+    check_local_path(str(cfg.model))
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
@@ -448,12 +448,9 @@ class Trainer:
                 if real:
                     self._count_routing(record, batch["attention_mask"])
                 loss = ce * (ctx.world_size / denominator) + aux * (ctx.world_size / n_micro)
-                recompute = self._keep_token_mask(batch["attention_mask"])
                 (loss if real else loss * 0.0).backward()
             for layer in record.values():
                 layer.record_routing = False
-            for layer in recompute:
-                layer.token_mask = None
             if real:
                 ce_sum += ce.item()
                 aux_sum += aux.item()
@@ -468,21 +465,6 @@ class Trainer:
                 torch.stack([p.grad.detach().float().norm() for p in self.params if p.grad is not None]))
         return {"loss": ce_sum / denominator, "aux": aux_sum / n_micro, "tokens": tokens,
                 "grad_norm": float(grad_norm)}
-
-    def _keep_token_mask(self, mask: torch.Tensor) -> list[Any]:
-        """With gradient checkpointing, give the PERFT layers their padding mask back for the backward pass.
-
-        `PerftModel.forward` clears `token_mask` when it returns; the recomputed forward of a
-        checkpointed layer would then take the unmasked balance-loss path, save a different
-        number of tensors and fail torch's checkpoint check.
-        """
-        if not self.cfg.gradient_checkpointing:
-            return []
-        layers = [layer for layer in (getattr(unwrap(self.model), "perft_layers", None) or {}).values()
-                  if getattr(layer, "compute_balance", False)]
-        for layer in layers:
-            layer.token_mask = mask
-        return layers
 
     # ------------------------------------------------------------------ router figures
     def _routed_layers(self) -> dict[str, Any]:
