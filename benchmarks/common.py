@@ -252,12 +252,18 @@ def loop_routed_delta(self: Any, x: torch.Tensor, base_index: Any = None, base_w
 
 # ---------------------------------------------------------------------------- measuring
 def interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, repeats: int,
-                on_warmup: Callable[[str, int], None] | None = None) -> dict[str, list[float]]:
+                on_warmup: Callable[[str, int], None] | None = None) -> dict[str, dict[str, list[float]]]:
     """Seconds per call of each fn: `warmup` untimed rounds, then `repeats` timed rounds, each
     round calling every fn once in a rotating order. `on_warmup(name, round)` replaces the plain
-    call in warm-up rounds (e.g. to measure memory there)."""
+    call in warm-up rounds (e.g. to measure memory there).
+
+    Returns {"cpu": {name: [...]}, "wall": {name: [...]}}. "cpu" is this process's CPU time
+    (`time.process_time`): with one torch thread it is the work done, and stays put when other
+    jobs on a shared machine take the core away (wall time does not).
+    """
     names = list(fns)
-    times: dict[str, list[float]] = {n: [] for n in names}
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
     gc.collect()
     gc.freeze()  # the library objects alive now are never garbage: keep them out of collections
     for rnd in range(warmup + repeats):
@@ -270,10 +276,11 @@ def interleaved(fns: dict[str, Callable[[], None]], *, warmup: int, repeats: int
                 else:
                     fns[name]()
                 continue
-            start = time.perf_counter()
+            start, start_cpu = time.perf_counter(), time.process_time()
             fns[name]()
-            times[name].append(time.perf_counter() - start)
-    return times
+            cpu[name].append(time.process_time() - start_cpu)
+            wall[name].append(time.perf_counter() - start)
+    return {"cpu": cpu, "wall": wall}
 
 
 def median(values: list[float]) -> float:

@@ -92,24 +92,29 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
     result = {"target": target, "dtype": dtype_name, "description": desc, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "backend": args.backend, "methods": {}}
     for n, m in methods.items():
-        t = common.median(times[n])
-        result["methods"][n] = {"trainable": m.trainable, "note": m.note, "gen_s": times[n], "gen_median_s": t,
-                                "generated": lengths.get(n), "tokens_per_s": lengths.get(n, 0) / t}
+        cpu, wall = common.median(times["cpu"][n]), common.median(times["wall"][n])
+        result["methods"][n] = {"trainable": m.trainable, "note": m.note, "generated": lengths.get(n),
+                                "gen_cpu_s": times["cpu"][n], "gen_wall_s": times["wall"][n],
+                                "tokens_per_cpu_s": lengths.get(n, 0) / cpu, "tokens_per_wall_s": lengths.get(n, 0) / wall}
     return result
 
 
 def render(result: dict[str, Any]) -> str:
     ms = result["methods"]
-    b = ms.get("base", {}).get("tokens_per_s", float("nan"))
-    header = ["method", "trainable", "generated", "s / generate", "tokens/s", "tokens/s / base", "setting"]
-    rows = [[n, f"{r['trainable']:,}", str(r["generated"]), f"{r['gen_median_s']:.3f}", f"{r['tokens_per_s']:.1f}",
-             common.fmt_ratio(r["tokens_per_s"], b), "frozen base" if n == "base" else r["note"]]
+    b_cpu = ms.get("base", {}).get("tokens_per_cpu_s", float("nan"))
+    b_wall = ms.get("base", {}).get("tokens_per_wall_s", float("nan"))
+    header = ["method", "trainable", "generated", "tokens / CPU s", "/ base", "tokens / wall s", "/ base", "setting"]
+    rows = [[n, f"{r['trainable']:,}", str(r["generated"]), f"{r['tokens_per_cpu_s']:.1f}",
+             common.fmt_ratio(r["tokens_per_cpu_s"], b_cpu), f"{r['tokens_per_wall_s']:.1f}",
+             common.fmt_ratio(r["tokens_per_wall_s"], b_wall), "frozen base" if n == "base" else r["note"]]
             for n, r in ms.items()]
-    base_s = ms.get("base", {}).get("gen_s") or []
     spread = ""
-    if base_s:
-        spread = f"base over repeats: min {min(base_s):.3f} s, max {max(base_s):.3f} s " \
-                 f"({(max(base_s) / min(base_s) - 1) * 100:.1f}% spread)"
+    if ms.get("base", {}).get("gen_cpu_s"):
+        parts = []
+        for kind in ("cpu", "wall"):
+            values = ms["base"][f"gen_{kind}_s"]
+            parts.append(f"{kind} {min(values):.3f}-{max(values):.3f} s ({(max(values) / min(values) - 1) * 100:.1f}% spread)")
+        spread = f"base generate() over {len(ms['base']['gen_cpu_s'])} repeats: " + ", ".join(parts)
     title = (f"### generation, {result['target']} ({result['description']}), {result['dtype']}, batch 1, "
              f"prompt {result['prompt']}, {result['new_tokens']} new tokens, experts backend {result['backend']}")
     return f"{title}\n\n{common.markdown_table(header, rows)}\n\n{spread}\n"

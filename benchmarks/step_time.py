@@ -153,8 +153,9 @@ def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, re
     train_t = common.interleaved(train_fns, warmup=1, repeats=repeats)
     infer_t = common.interleaved(infer_fns, warmup=2, repeats=repeats * 3)
     for n in perft:
-        result[n]["train_ms"] = common.median(train_t[n]) * 1e3
-        result[n]["infer_1tok_us"] = common.median(infer_t[n]) / 20 * 1e6
+        result[n]["train_ms"] = common.median(train_t["cpu"][n]) * 1e3
+        result[n]["train_wall_ms"] = common.median(train_t["wall"][n]) * 1e3
+        result[n]["infer_1tok_us"] = common.median(infer_t["cpu"][n]) / 20 * 1e6
     if "perft-r" in perft and "loop-r" in perft:  # the reference computes the same function
         with torch.no_grad():
             a = next(iter(perft["perft-r"].model.perft_layers.values())).delta(x0[:256])
@@ -196,7 +197,9 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
     }
     for n, m in methods.items():
         result["methods"][n] = {
-            "trainable": m.trainable, "note": m.note, "step_s": times[n], "step_median_s": common.median(times[n]),
+            "trainable": m.trainable, "note": m.note,
+            "step_cpu_s": times["cpu"][n], "step_cpu_median_s": common.median(times["cpu"][n]),
+            "step_wall_s": times["wall"][n], "step_wall_median_s": common.median(times["wall"][n]),
             "peak_step_bytes": memory.get(n), **part.get(n, {}),
         }
     return result
@@ -205,18 +208,20 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
 def render(result: dict[str, Any]) -> str:
     ms = result["methods"]
     base = ms.get("base", {})
-    b_step, b_mem = base.get("step_median_s", float("nan")), base.get("peak_step_bytes") or float("nan")
+    b_cpu, b_wall = base.get("step_cpu_median_s", float("nan")), base.get("step_wall_median_s", float("nan"))
+    b_mem = base.get("peak_step_bytes") or float("nan")
     loop = ms.get("loop-r", {}).get("train_ms", float("nan"))
-    header = ["method", "trainable", "step ms", "step / base", "adapter ms (step - base)", "peak MiB",
-              "peak / base", "adapter fwd+bwd ms (isolated)", "loop-r / this", "adapter fwd 1 tok us", "setting"]
+    header = ["method", "trainable", "step CPU ms", "CPU / base", "CPU - base ms", "step wall ms", "wall / base",
+              "peak MiB", "peak / base", "adapter fwd+bwd ms", "loop-r / this", "adapter fwd 1 tok us", "setting"]
     rows = []
     for n, r in ms.items():
-        step = r["step_median_s"]
+        cpu, wall = r["step_cpu_median_s"], r["step_wall_median_s"]
         mem = r.get("peak_step_bytes")
         train = r.get("train_ms")
         rows.append([
-            n, f"{r['trainable']:,}", f"{step * 1e3:.0f}", common.fmt_ratio(step, b_step),
-            "-" if n == "base" else f"{(step - b_step) * 1e3:+.0f}",
+            n, f"{r['trainable']:,}", f"{cpu * 1e3:.0f}", common.fmt_ratio(cpu, b_cpu),
+            "-" if n == "base" else f"{(cpu - b_cpu) * 1e3:+.0f}",
+            f"{wall * 1e3:.0f}", common.fmt_ratio(wall, b_wall),
             "-" if mem is None else f"{mem / 2**20:.1f}", "-" if mem is None else common.fmt_ratio(mem, b_mem),
             "-" if train is None else f"{train:.1f}",
             "-" if train is None else common.fmt_ratio(loop, train),
@@ -224,9 +229,13 @@ def render(result: dict[str, Any]) -> str:
             r["note"],
         ])
     spread = ""
-    if base.get("step_s"):
-        lo, hi = min(base["step_s"]), max(base["step_s"])
-        spread = f"base step over repeats: min {lo * 1e3:.0f} ms, max {hi * 1e3:.0f} ms ({(hi / lo - 1) * 100:.1f}% spread)"
+    if base.get("step_cpu_s"):
+        parts = []
+        for kind in ("cpu", "wall"):
+            values = base[f"step_{kind}_s"]
+            lo, hi = min(values), max(values)
+            parts.append(f"{kind} {lo * 1e3:.0f}-{hi * 1e3:.0f} ms ({(hi / lo - 1) * 100:.1f}% spread)")
+        spread = f"base step over {len(base['step_cpu_s'])} repeats: " + ", ".join(parts)
     title = f"### {result['target']} ({result['description']}), {result['dtype']}, {result['tokens']} tokens, " \
             f"experts backend {result['backend']}"
     extra = ""

@@ -41,7 +41,7 @@ def test_step_time_quick_prints_every_method(target, tmp_path):
     out = _run("step_time.py", "--target", target, "--json", str(tmp_path / "r.json"))
     rows = _rows(out, f"### {target} (")
     assert set(rows) == set(METHODS)
-    assert rows["base"][3] == "1.000x"  # step / base
+    assert rows["base"][3] == "1.000x"  # step CPU / base
     assert rows["base"][1] == "0" and all(int(rows[m][1].replace(",", "")) > 0 for m in METHODS[1:])
     assert rows["perft-r"][1] == rows["loop-r"][1]  # the reference design has the very same tensors
     assert "max |diff|" in out

@@ -1,0 +1,74 @@
+"""Where the adapter time goes: torch.profiler tables of the adapter part of one layer.
+
+Profiles `PerftLayer.delta` forward+backward (as in training) on one OLMoE-shaped layer's
+input for the stacked PERFT-R / PERFT-E and the per-expert loop reference, and prints the
+operators by self CPU time plus the share spent in matrix products.
+
+    .venv/bin/python benchmarks/profile_adapters.py --dtype fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import common  # noqa: E402
+
+MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    p.add_argument("--methods", nargs="+", default=["perft-r", "loop-r", "perft-e"])
+    p.add_argument("--tokens", type=int, default=2048)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--quick", action="store_true")
+    args = p.parse_args(argv)
+    common.set_threads(args.threads)
+    dtype = common.DTYPES[args.dtype]
+    from transformers import OlmoeModel
+
+    cfg = common.olmoe_layer_config(quick=args.quick, backend="eager")
+    torch.manual_seed(0)
+    base = OlmoeModel(cfg).to(dtype).eval()
+    tokens = 64 if args.quick else args.tokens
+    gen = torch.Generator().manual_seed(99)
+    x0 = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
+    gy = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
+    print(f"# adapter profile ({' '.join(sys.argv[1:])}): {tokens} tokens, {args.dtype}, threads {args.threads}")
+    for name in args.methods:
+        method = common.build_method(name, base)
+        path, layer = next(iter(method.model.perft_layers.items()))
+        block = method.model.base_model.get_submodule(path)
+        with torch.no_grad():
+            _, w, idx = block.gate(x0)
+        params = [q for q in layer.parameters() if q.requires_grad]
+
+        def step(layer=layer, params=params, w=w, idx=idx) -> None:
+            x = x0.detach().requires_grad_(True)
+            layer.delta(x, idx, w).backward(gy)
+            for q in params:
+                q.grad = None
+
+        step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        averages = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in averages)
+        mm = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS)
+        print(f"\n## {name} ({method.note}): {total / 1e3:.1f} ms self CPU, "
+              f"{100 * mm / max(total, 1):.0f}% in matrix products")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
