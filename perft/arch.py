@@ -116,6 +116,8 @@ def find_moe_blocks(model: nn.Module, *, module_filter: Callable[[str], bool] | 
     hidden_size = getattr(config, "hidden_size", None)
     blocks: list[MoEBlockInfo] = []
     for order, (path, module) in enumerate(model.named_modules()):
+        if f".{path}.".find(".perft_adapter.") >= 0:
+            continue  # PERFT's own adapter experts look like an MoE block but are not the base model's
         arch = _REGISTRY.get(type(module).__name__) or _looks_like_moe_block(module)
         if arch is None or (module_filter is not None and not module_filter(path)):
             continue

@@ -235,3 +235,8 @@ def test_blocks_of_the_common_shape_are_discovered_automatically():
     reference = model(x)
     wrapped = get_perft_model(model, PerftConfig(variant="embedded", rank=2))
     assert torch.equal(wrapped(x), reference)
+
+
+def test_adapters_are_not_mistaken_for_moe_blocks(olmoe):
+    model = get_perft_model(load(olmoe), PerftConfig(variant="routed", rank=2))
+    assert [b.path for b in find_moe_blocks(model.base_model)] == ["model.layers.0.mlp", "model.layers.1.mlp"]
