@@ -1,0 +1,51 @@
+"""`perft demo`: the embedded default end to end (see perft/demo.py)."""
+
+from __future__ import annotations
+
+import argparse
+
+from perft.demo import DemoConfig, run_all_variants, run_demo
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    parser = subparsers.add_parser(
+        "demo",
+        help="fine-tune PERFT-R on the embedded tiny MoE and compare it with the frozen base",
+        description="Evaluate the frozen embedded tiny OLMoE on the shipped suites, fine-tune PERFT-R, "
+        "evaluate again, print the table and write a loss curve and a routing picture. "
+        "--all-variants runs the paper's comparison in miniature over several seeds.",
+    )
+    parser.add_argument("--output", default="runs/demo", help="where runs, tables and figures go")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 2)")
+    parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
+    parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate only the first N per task")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--all-variants", action="store_true", help="PERFT-R/E/D/S and LoRA, each over --seeds")
+    parser.add_argument("--seeds", default="0,1,2", help="seeds for --all-variants (comma-separated)")
+    parser.add_argument("--results", default=None, help="markdown file for the --all-variants table "
+                        "(e.g. docs/results-tiny.md)")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from perft.errors import PerftError
+
+    cfg = DemoConfig(output=args.output, seed=args.seed, max_eval_samples=args.max_eval_samples,
+                     threads=args.threads, progress=not args.no_progress)
+    if args.epochs is not None:
+        cfg.epochs = args.epochs
+    if args.lr is not None:
+        cfg.lr = args.lr
+    if args.all_variants:
+        try:
+            seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())
+        except ValueError:
+            raise PerftError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
+        if not seeds:
+            raise PerftError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
+        run_all_variants(cfg, seeds, args.results)
+    else:
+        run_demo(cfg)
+    return 0

@@ -1,0 +1,328 @@
+"""`perft demo`: PERFT end to end on the embedded tiny OLMoE, on a CPU, in minutes.
+
+Evaluates the frozen base on the shipped suites, fine-tunes PERFT-R, evaluates again and
+prints the comparison; `--all-variants` runs the paper's comparison in miniature (PERFT-R
+at several N/K, PERFT-E, PERFT-D, PERFT-S and LoRA on attention through PEFT, at similar
+trainable budgets, over several seeds) and writes it as a markdown table.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from perft.errors import PerftError
+from perft.io import atomic_write_text
+
+DEMO_TASKS = ("tiny_commonsense", "tiny_math")
+
+
+@dataclass(frozen=True)
+class Method:
+    """One row of the comparison: a name and the training settings that define it."""
+
+    name: str
+    settings: dict[str, Any]
+
+
+# The default PERFT-R of the demo, and the comparison grid at similar trainable budgets on the
+# tiny model (d = hidden size): R(N, K, r) costs N(2dr + d) per layer, D N*2dr, S 2dr, E E*2dr.
+DEFAULT_METHOD = Method("PERFT-R (4 experts, top-2, r8)", {"variant": "routed", "num_experts": 4, "top_k": 2, "rank": 8})
+ALL_METHODS = (
+    DEFAULT_METHOD,
+    Method("PERFT-R (8 experts, top-2, r4)", {"variant": "routed", "num_experts": 8, "top_k": 2, "rank": 4}),
+    Method("PERFT-R (2 experts, top-1, r16)", {"variant": "routed", "num_experts": 2, "top_k": 1, "rank": 16}),
+    Method("PERFT-E (8 base experts, r4)", {"variant": "embedded", "rank": 4}),
+    Method("PERFT-D (4 experts, r8)", {"variant": "dense", "num_experts": 4, "rank": 8}),
+    Method("PERFT-S (r32)", {"variant": "single", "rank": 32}),
+    Method("LoRA q,v (PEFT, r32)", {"method": "lora-attn", "rank": 32}),
+)
+
+
+@dataclass
+class DemoConfig:
+    """Settings of the demo run (the defaults fit 2 CPU cores in a few minutes)."""
+
+    output: str = "runs/demo"
+    base_model: str | None = None  # default: the embedded tiny OLMoE
+    task_dir: str | None = None  # default: the shipped suites
+    seed: int = 0
+    epochs: float = 2.0
+    lr: float = 2e-3
+    batch_size: int = 16
+    cutoff_len: int = 128
+    eval_batch_size: int = 48
+    max_eval_samples: int | None = None
+    max_steps: int | None = None
+    threads: int | None = None
+    progress: bool = True
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class MethodResult:
+    method: str
+    seed: int
+    accuracy: dict[str, float]  # per task, plus "average"
+    trainable: int
+    total: int
+    seconds: float
+    adapter_dir: str | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------------------- pieces
+def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path, Path]:
+    """(base model dir, task dir, mixed training file): the union of both suites' train splits."""
+    from perft.tiny import default_base_model_path, default_task_dir
+
+    output = Path(cfg.output)
+    base = Path(cfg.base_model) if cfg.base_model else default_base_model_path()
+    tasks = Path(cfg.task_dir) if cfg.task_dir else default_task_dir()
+    for task in DEMO_TASKS:
+        if not (tasks / task / "train.json").is_file():
+            raise PerftError(f"{tasks / task / 'train.json'} is missing: the demo needs both suites' train and test splits")
+    records: list[dict[str, Any]] = []
+    for task in DEMO_TASKS:
+        records.extend(json.loads((tasks / task / "train.json").read_text(encoding="utf-8")))
+    train_file = output / "data" / "train.json"
+    atomic_write_text(train_file, json.dumps(records, ensure_ascii=False) + "\n")
+    return base, tasks, train_file
+
+
+def evaluate(model: Any, tokenizer: Any, task_dir: Path, output: Path, cfg: DemoConfig) -> dict[str, float]:
+    """Greedy generation with the paper's prompts and answer extraction; accuracy per task and average."""
+    from perft.evaluation.generation import DecodingSettings
+    from perft.evaluation.runner import EvalSettings, Evaluation, prepare_tasks
+
+    tasks = prepare_tasks(DEMO_TASKS, task_dir, max_samples=cfg.max_eval_samples)
+    settings = EvalSettings(protocol="generate", decoding=DecodingSettings(greedy=True), batch_size=cfg.eval_batch_size)
+    summary = Evaluation(tasks, output, settings).run(model, tokenizer, progress=cfg.progress)
+    scores = {name: entry["accuracy"] for name, entry in summary["tasks"].items()}
+    scores["average"] = summary["average"]["accuracy"]
+    return scores
+
+
+def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
+    from perft.training.args import TrainingConfig
+    from perft.training.trainer import train
+
+    settings: dict[str, Any] = {
+        "model": str(base), "data": str(train_file), "output": str(output), "seed": seed,
+        "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "micro_batch_size": cfg.batch_size,
+        "cutoff_len": cfg.cutoff_len, "val_set_size": 200, "warmup_steps": 20, "eval_steps": 100,
+        "save_steps": 100, "save_total_limit": 1, "logging_steps": 10, "dropout": 0.0,
+        "report_to": "tensorboard", "progress": cfg.progress, "overwrite_output_dir": True, "bf16": "false",
+        "max_steps": cfg.max_steps, **method.settings, **cfg.extra,
+    }
+    return train(TrainingConfig.from_dict(settings, source=f"demo method {method.name}"))
+
+
+def run_method(method: Method, base: Path, tasks: Path, train_file: Path, out: Path, cfg: DemoConfig,
+               seed: int) -> MethodResult:
+    """Fine-tune one method with one seed and evaluate its adapter."""
+    from perft.loading import load_tokenizer
+
+    start = time.perf_counter()
+    result = train_method(method, base, train_file, out / "train", cfg, seed)
+    if result.adapter_dir is None:
+        raise PerftError(f"training {method.name} ended without an adapter ({result.status})")
+    tokenizer = load_tokenizer(str(base), padding_side="left")
+    model = _load_adapted(base, Path(result.adapter_dir), method)
+    trainable, total = _count_parameters(model, method)
+    scores = evaluate(model, tokenizer, tasks, out / "eval", cfg)
+    return MethodResult(method.name, seed, scores, trainable, total, time.perf_counter() - start,
+                        str(result.adapter_dir), list(result.history))
+
+
+def _load_adapted(base: Path, adapter: Path, method: Method) -> Any:
+    from perft.loading import load_base_model
+
+    model = load_base_model(str(base), dtype="float32")
+    if method.settings.get("method", "perft") == "perft":
+        from perft.model import PerftModel
+
+        return PerftModel.from_pretrained(model, adapter).eval()
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter)).eval()
+
+
+def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
+    """(adapter parameters, all parameters) of a loaded adapted model."""
+    if method.settings.get("method", "perft") == "perft":
+        adapter = sum(v.numel() for v in model.adapter_state_dict().values())
+    else:
+        adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
+    return adapter, sum(p.numel() for p in model.parameters())
+
+
+# ---------------------------------------------------------------------------- the demo
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
+    import torch
+
+    from perft.loading import load_base_model, load_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    started = time.perf_counter()
+    base, tasks, train_file = prepare_inputs(cfg)
+    print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
+
+    tokenizer = load_tokenizer(str(base), padding_side="left")
+    t0 = time.perf_counter()
+    base_scores = evaluate(load_base_model(str(base), dtype="float32").eval(), tokenizer, tasks, out / "base" / "eval", cfg)
+    base_seconds = time.perf_counter() - t0
+    tuned = run_method(DEFAULT_METHOD, base, tasks, train_file, out / "perft-r", cfg, cfg.seed)
+
+    table = format_demo_table(base_scores, tuned, base_seconds)
+    print("\n" + table)
+    figures = {"loss_curve": plot_loss_curve(tuned.history, out / "loss_curve.png")}
+    figures["routing"] = plot_routing(base, tokenizer, tasks, Path(tuned.adapter_dir or ""), out, cfg)
+    summary = {
+        "base": base_scores,
+        "perft_r": tuned.accuracy,
+        "method": tuned.method,
+        "trainable_params": tuned.trainable,
+        "total_params": tuned.total,
+        "train_and_eval_seconds": round(tuned.seconds, 1),
+        "total_seconds": round(time.perf_counter() - started, 1),
+        "adapter": tuned.adapter_dir,
+        "figures": {k: str(v) for k, v in figures.items() if v},
+    }
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
+    atomic_write_text(out / "table.txt", table + "\n")
+    for name, path in summary["figures"].items():
+        print(f"perft demo: {name.replace('_', ' ')} -> {path}")
+    print(f"perft demo: done in {summary['total_seconds']:.0f} s; adapter in {tuned.adapter_dir}")
+    return summary
+
+
+def format_demo_table(base: dict[str, float], tuned: MethodResult, base_seconds: float) -> str:
+    header = f"{'task':<18} {'base':>8} {'PERFT-R':>9}"
+    lines = [f"accuracy in % (greedy generation, the paper's prompts and answer extraction); {tuned.method}",
+             header, "-" * len(header)]
+    for task in (*DEMO_TASKS, "average"):
+        lines.append(f"{task:<18} {100 * base[task]:>8.1f} {100 * tuned.accuracy[task]:>9.1f}")
+    lines.append("-" * len(header))
+    lines.append(f"trainable parameters: {tuned.trainable:,d} of {tuned.total:,d} "
+                 f"({100 * tuned.trainable / tuned.total:.2f}%)")
+    lines.append(f"time: base evaluation {base_seconds:.0f} s, PERFT-R training + evaluation {tuned.seconds:.0f} s")
+    return "\n".join(lines)
+
+
+def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
+    """Training and validation loss over optimiser steps."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "lr" in h]
+    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+    if not train and not val:
+        return None
+    fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
+    if train:
+        ax.plot(*zip(*train), label="train loss", lw=1.2)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+    ax.set_xlabel("optimiser step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title("PERFT-R on the embedded tiny OLMoE")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapter: Path, out: Path, cfg: DemoConfig) -> Path | None:
+    """Adapter- and base-expert utilisation per layer on the test prompts of both suites."""
+    from perft.analysis.pipeline import AnalysisOptions, analyze
+    from perft.analysis.plots import plot_utilisation
+    from perft.loading import load_base_model
+
+    records = []
+    for task in DEMO_TASKS:
+        for record in json.loads((tasks / task / "test.json").read_text(encoding="utf-8"))[:120]:
+            records.append({**record, "task": task})
+    data = out / "data" / "routing.json"
+    atomic_write_text(data, json.dumps(records, ensure_ascii=False) + "\n")
+    model = load_base_model(str(base), dtype="float32").eval()
+    options = AnalysisOptions(split_by="task", projection=None, batch_size=32, progress=cfg.progress)
+    result = analyze(model, tokenizer, data, [adapter], options, model_name=str(base))
+    atomic_write_text(out / "routing.json", json.dumps(result, indent=1, default=str) + "\n")
+    return plot_utilisation(result, out / "routing.png")
+
+
+# ---------------------------------------------------------------------------- all variants
+def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), results_file: str | None = None,
+                     methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
+    """The paper's comparison in miniature; writes a markdown table (mean ± spread over seeds)."""
+    import torch
+
+    from perft.loading import load_base_model, load_tokenizer
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    out = Path(cfg.output)
+    base, tasks, train_file = prepare_inputs(cfg)
+    tokenizer = load_tokenizer(str(base), padding_side="left")
+    base_scores = evaluate(load_base_model(str(base), dtype="float32").eval(), tokenizer, tasks, out / "base" / "eval", cfg)
+    results: list[MethodResult] = []
+    for method in methods:
+        for seed in seeds:
+            slug = method.name.split(" (")[0].replace(" ", "").replace(",", "").lower()
+            run_dir = out / f"{slug}-{len(results) // len(seeds)}-seed{seed}"
+            print(f"perft demo --all-variants: {method.name}, seed {seed}")
+            results.append(run_method(method, base, tasks, train_file, run_dir, cfg, seed))
+            atomic_write_text(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1, default=str))
+    table = format_results_markdown(base_scores, results, cfg, seeds)
+    print("\n" + table)
+    if results_file:
+        atomic_write_text(Path(results_file), table + "\n")
+    return results
+
+
+def format_results_markdown(base: dict[str, float], results: list[MethodResult], cfg: DemoConfig,
+                            seeds: tuple[int, ...]) -> str:
+    columns = (*DEMO_TASKS, "average")
+    lines = [
+        "# PERFT variants on the embedded tiny OLMoE",
+        "",
+        "Regenerate with `perft demo --all-variants --results docs/results-tiny.md` "
+        f"(seeds {', '.join(map(str, seeds))}; {cfg.epochs:g} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, "
+        "fine-tuned on the union of both suites' train splits; greedy generation, the paper's prompts "
+        "and answer extraction). Accuracy in %, mean ± standard deviation over seeds.",
+        "",
+        "| method | trainable params | trainable % | " + " | ".join(columns) + " | train+eval s |",
+        "|---|---:|---:|" + "---:|" * len(columns) + "---:|",
+        "| frozen base | 0 | 0 | " + " | ".join(f"{100 * base[c]:.1f}" for c in columns) + " | |",
+    ]
+    by_method: dict[str, list[MethodResult]] = {}
+    for r in results:
+        by_method.setdefault(r.method, []).append(r)
+    for name, runs in by_method.items():
+        cells = []
+        for c in columns:
+            values = [100 * r.accuracy[c] for r in runs]
+            spread = statistics.stdev(values) if len(values) > 1 else 0.0
+            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
+        first = runs[0]
+        seconds = statistics.mean(r.seconds for r in runs)
+        lines.append(f"| {name} | {first.trainable:,d} | {100 * first.trainable / first.total:.2f} | "
+                     + " | ".join(cells) + f" | {seconds:.0f} |")
+    return "\n".join(lines)
+
+
+def with_overrides(cfg: DemoConfig, **changes: Any) -> DemoConfig:
+    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})
