@@ -10,13 +10,19 @@ activation is tiny next to the frozen experts' own work.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import once_differentiable
 
-_ACTIVATIONS = {
+Activation = Callable[[torch.Tensor], torch.Tensor]
+
+_ACTIVATIONS: dict[str, Activation] = {
     "silu": F.silu,
     "relu": F.relu,
     "gelu": F.gelu,
@@ -77,25 +83,106 @@ class AdapterExperts(nn.Module):
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over experts of `weights[:, n] * expert_n(x)`; `weights=None` means all ones.
 
-        x: [T, d] in the adapter dtype; weights: [T, N] (zeros for unselected experts).
+        x: [T, d] in any float dtype (computed in the adapter dtype, returned in x's dtype);
+        weights: [T, N] (zeros for unselected experts).
         """
         n, r, d = self.num_experts, self.rank, self.hidden_size
-        h = F.linear(self.dropout(x), self.down.reshape(n * r, d))  # [T, N*r]
-        if self.act is not None:
-            h = self.act(h)
-        if weights is not None:  # the LoRA scale rides on the [T, N] weights, not the [T, N*r] middle
-            w = weights.to(h.dtype)
-            w = w * self.scaling if self.scaling != 1.0 else w
-            h = (h.view(-1, n, r) * w.unsqueeze(-1)).view(-1, n * r)
-        elif self.scaling != 1.0:
-            h = h * self.scaling
-        return F.linear(h, self.up_matrix())
+        out_dtype = x.dtype
+        if not isinstance(self.dropout, nn.Identity) and self.training:
+            x = self.dropout(x.to(self.down.dtype))
+        y = _StackedExperts.apply(x, self.down.reshape(n * r, d), self.up_matrix(), weights, self.scaling, self.act, n, r)
+        return y.to(out_dtype)
 
     def up_matrix(self) -> torch.Tensor:
         """`up` as the [d, N*r] matrix of the second product: a view while `up` keeps its
         [d, N, r] memory layout (a copy only if something replaced it with another layout)."""
         n, r, d = self.num_experts, self.rank, self.hidden_size
         return self.up.transpose(0, 1).reshape(d, n * r)
+
+
+def _autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The autocast dtype in force for `device_type`, or None when autocast is off."""
+    if not torch.amp.autocast_mode.is_autocast_available(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+
+
+def _autocast_like(device_type: str, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    """Re-enter, in backward, the autocast state that forward ran under."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, dtype=dtype)
+
+
+class _StackedExperts(torch.autograd.Function):
+    """`y = up @ (s * w * act(down @ x))` over the stacked experts, with a lean backward.
+
+    The same products autograd would run, but what is kept for backward is only the input x
+    in its own dtype (the frozen model holds it anyway) and the [T, N*r] middle: the
+    adapter-dtype copy of x (bf16 base, fp32 adapters) and the weighted middle are rebuilt
+    in backward instead of living through the whole forward pass. Autocast is honoured in
+    both directions, as autograd would.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None,
+                scaling: float, act: Activation | None, n: int, r: int) -> torch.Tensor:
+        ctx.device_type = x.device.type
+        ctx.amp = _autocast_dtype(ctx.device_type)
+        h = F.linear(x.to(down.dtype), down)  # [T, N*r]
+        z = _weighted_middle(h, weights, scaling, act, n, r)
+        y = F.linear(z, up).to(x.dtype)
+        ctx.save_for_backward(x, down, up, h, weights)
+        ctx.scaling, ctx.act, ctx.n, ctx.r = scaling, act, n, r
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, down, up, h, weights = ctx.saved_tensors
+        scaling, act, n, r = ctx.scaling, ctx.act, ctx.n, ctx.r
+        need_x, need_down, need_up, need_w = ctx.needs_input_grad[:4]
+        g_x = g_down = g_up = g_w = None
+        with _autocast_like(ctx.device_type, ctx.amp):
+            gy = gy.to(h.dtype)
+            a = act(h) if act is not None else h
+            if need_up:
+                g_up = gy.t().mm(_weighted_middle(h, weights, scaling, act, n, r, a=a)).to(up.dtype)
+            gz = gy.mm(up)  # [T, N*r]
+            if weights is not None:
+                w = weights.to(h.dtype)
+                w = w * scaling if scaling != 1.0 else w
+                gz3 = gz.view(-1, n, r)
+                if need_w:
+                    g_w = (gz3 * a.view(-1, n, r)).sum(-1)
+                    g_w = (g_w * scaling if scaling != 1.0 else g_w).to(weights.dtype)
+                ga = (gz3 * w.unsqueeze(-1)).view(-1, n * r)
+            else:
+                ga = gz * scaling if scaling != 1.0 else gz
+            del gz
+            if act is not None:
+                with torch.enable_grad():
+                    leaf = h.detach().requires_grad_(True)
+                    (gh,) = torch.autograd.grad(act(leaf), leaf, ga)
+            else:
+                gh = ga
+            if need_down:
+                g_down = gh.t().mm(x.to(h.dtype)).to(down.dtype)
+            if need_x:
+                g_x = gh.mm(down).to(x.dtype)
+        return g_x, g_down, g_up, g_w, None, None, None, None
+
+
+def _weighted_middle(h: torch.Tensor, weights: torch.Tensor | None, scaling: float, act: Activation | None,
+                     n: int, r: int, a: torch.Tensor | None = None) -> torch.Tensor:
+    """`scale * weights * act(h)` over [T, N*r]; the scale rides on the [T, N] weights."""
+    if a is None:
+        a = act(h) if act is not None else h
+    if weights is None:
+        return a * scaling if scaling != 1.0 else a
+    w = weights.to(h.dtype)
+    w = w * scaling if scaling != 1.0 else w
+    return (a.view(-1, n, r) * w.unsqueeze(-1)).view(-1, n * r)
 
 
 class AdapterRouter(nn.Module):
@@ -119,13 +206,24 @@ class AdapterRouter(nn.Module):
             self.weight.normal_(0.0, init_std)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Returns (probs [T, N] fp32, dense kept weights [T, N] fp32, top-k indices [T, k])."""
-        logits = F.linear(x.float(), self.weight.float())
-        probs = torch.softmax(logits, dim=-1)
-        top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
-        if self.normalize:
-            top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-        dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
+        """Returns (probs [T, N] fp32, dense kept weights [T, N] fp32, top-k indices [T, k]).
+
+        fp32 even under bf16/fp16 autocast (which would otherwise run the linear in bf16); logits
+        that overflow to +-inf are clamped to the fp32 range, so softmax keeps them finite
+        (one-hot) instead of turning them into NaN.
+        """
+        device = x.device.type
+        autocast_off = (torch.autocast(device_type=device, enabled=False)
+                        if torch.amp.autocast_mode.is_autocast_available(device) else contextlib.nullcontext())
+        with autocast_off:
+            logits = F.linear(x.float(), self.weight.float())
+            big = torch.finfo(torch.float32).max
+            logits = torch.nan_to_num(logits, nan=float("nan"), posinf=big, neginf=-big)
+            probs = torch.softmax(logits, dim=-1)
+            top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
+            if self.normalize:
+                top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+            dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
         return probs, dense, top_index
 
 

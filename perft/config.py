@@ -94,11 +94,27 @@ class PerftConfig:
             if len(self.layers) == 0:
                 raise PerftError("layers is empty: give at least one MoE layer index, or null for all layers")
             self.layers = sorted(set(self.layers))
-        if not isinstance(self.format_version, int) or self.format_version > FORMAT_VERSION:
+        if not isinstance(self.format_version, int) or isinstance(self.format_version, bool):
+            raise PerftError(f"format_version must be an integer, got {self.format_version!r}; the adapter config is damaged")
+        if self.format_version > FORMAT_VERSION:
             raise PerftError(
                 f"this adapter was written by a newer perft (format {self.format_version}, "
                 f"this perft reads up to {FORMAT_VERSION}): upgrade perft"
             )
+
+        for name in ("base_model_name_or_path", "model_type"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), str):
+                raise PerftError(f"{name} must be text or null, got {getattr(self, name)!r}")
+        if not isinstance(self.base_shapes, dict):
+            raise PerftError(f"base_shapes must be a mapping, got {type(self.base_shapes).__name__}; "
+                             "the adapter config is damaged")
+        for key in ("hidden_size", "num_experts", "top_k", "num_hidden_layers"):
+            value = self.base_shapes.get(key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise PerftError(f"base_shapes.{key} must be an integer, got {value!r}; the adapter config is damaged")
+        blocks = self.base_shapes.get("moe_blocks", [])
+        if not isinstance(blocks, list) or not all(isinstance(b, str) for b in blocks):
+            raise PerftError(f"base_shapes.moe_blocks must be a list of module paths, got {blocks!r}")
 
     @property
     def scaling(self) -> float:
@@ -138,7 +154,7 @@ class PerftConfig:
             raise PerftError(f"no {CONFIG_NAME} in {path.parent}: is this a PERFT adapter directory?")
         try:
             data = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd numbers, absurd nesting
             raise PerftError(f"{path} is not valid JSON ({err}); the adapter directory is damaged") from None
         return cls.from_dict(data)
 

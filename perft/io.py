@@ -47,6 +47,12 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], 
     _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
+def pickle_siblings(path: str | Path) -> list[str]:
+    """Pickle-based files next to a missing safetensors file `path` (same stem), by name."""
+    path = Path(path)
+    return sorted(p.name for p in (path.with_suffix(s) for s in PICKLE_SUFFIXES) if p.exists())
+
+
 def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
     """Load a safetensors file; refuse pickle-based formats with a message."""
     path = Path(path)
@@ -56,8 +62,47 @@ def load_safetensors(path: str | Path) -> dict[str, torch.Tensor]:
             "convert it to .safetensors with a tool you trust"
         )
     if not path.is_file():
+        pickles = pickle_siblings(path)
+        if pickles:
+            raise PerftError(
+                f"weights file {path} does not exist; refusing the pickle-based {pickles[0]} next to it "
+                "(pickle files can run arbitrary code): convert it to .safetensors with a tool you trust"
+            )
         raise PerftError(f"weights file {path} does not exist")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as err:
         raise PerftError(f"{path} is not a readable safetensors file ({err}); it may be truncated or corrupted") from None
+
+
+def check_writable_dir(path: str | Path, what: str = "--output") -> None:
+    """Refuse an output folder that cannot be created or written, before any work is done.
+
+    Looks at `path` or, when it does not exist yet, its nearest existing parent, and creates
+    and deletes one empty hidden file there (permission bits do not bind root, but a
+    read-only mount or an immutable folder does).
+    """
+    path = Path(path)
+    probe = path
+    while not probe.exists() and not probe.is_symlink() and probe != probe.parent:
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        if probe == path:
+            raise PerftError(f"{what} {path} exists and is not a folder: pick another {what}")
+        raise PerftError(f"cannot create {what} {path}: {probe} is a file, not a folder")
+    if not probe.exists():  # a dangling symlink on the way
+        raise PerftError(f"cannot create {what} {path}: {probe} is a broken symbolic link")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise PerftError(f"cannot write to {what} {path}: {probe} is read-only for this user (permission denied)")
+    try:  # root passes os.access; a read-only mount or an immutable folder still refuses the write
+        fd, name = tempfile.mkstemp(prefix=".perft-write-check-", dir=probe)
+    except OSError as err:
+        raise PerftError(f"cannot write to {what} {path}: {err.strerror or err} in {probe}") from None
+    os.close(fd)
+    os.unlink(name)
+
+
+def describe_os_error(err: OSError) -> str:
+    """`[Errno 28] No space left on device: 'x'` -> `file system error on x: No space left on device`."""
+    where = f" {err.filename}" if err.filename else ""
+    return f"file system error on{where}: {err.strerror or err}"

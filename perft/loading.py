@@ -26,6 +26,15 @@ def resolve_dtype(dtype: str | torch.dtype | None) -> Any:
     return _DTYPES[dtype]
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error message, plus the fix when it is about remote code."""
+    text = str(err).strip()
+    line = text.splitlines()[0] if text else type(err).__name__
+    if "trust_remote_code" in text and "trust_remote_code" not in line:
+        line += " Pass --trust-remote-code (trust_remote_code=True) only if you trust that code."
+    return line
+
+
 def check_local_path(name_or_path: str, *, needs_config: bool = True) -> None:
     """A local-looking path must exist (and hold a config.json for a model); hub names pass through."""
     path = Path(name_or_path)
@@ -35,6 +44,20 @@ def check_local_path(name_or_path: str, *, needs_config: bool = True) -> None:
             raise PerftError(f"path {name_or_path} does not exist")
         if needs_config and path.is_dir() and not (path / "config.json").is_file():
             raise PerftError(f"{name_or_path} has no config.json: it is not a Hugging Face model directory")
+
+
+def _refuse_pickle_only(directory: Path) -> None:
+    """A local model folder with only pickle-based weights gets a message saying why it is refused."""
+    if not directory.is_dir() or any(directory.glob("*.safetensors")):
+        return
+    from perft.io import PICKLE_SUFFIXES
+
+    pickles = sorted(p.name for p in directory.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise PerftError(
+            f"{directory} holds only pickle-based weights ({', '.join(pickles[:3])}), which perft refuses to load "
+            "(unpickling can run arbitrary code): convert them to safetensors with a tool you trust"
+        )
 
 
 def load_base_model(
@@ -50,11 +73,14 @@ def load_base_model(
     from transformers import AutoModelForCausalLM
 
     check_local_path(str(name_or_path))
+    _refuse_pickle_only(Path(name_or_path))
     extra: dict[str, Any] = dict(kwargs)
     if experts_implementation is not None:
         extra["experts_implementation"] = experts_implementation
     if device_map is not None:
         extra["device_map"] = device_map
+    from safetensors import SafetensorError
+
     try:
         return AutoModelForCausalLM.from_pretrained(
             name_or_path,
@@ -63,9 +89,15 @@ def load_base_model(
             use_safetensors=True,
             **extra,
         )
-    except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PerftError(f"cannot load model {name_or_path!r}: {first}") from None
+    except SafetensorError as err:  # a truncated or corrupted weights file
+        raise PerftError(
+            f"cannot load model {name_or_path!r}: its safetensors weights are truncated or corrupted ({err})"
+        ) from None
+    except (OSError, ValueError, RuntimeError) as err:  # RuntimeError: tensor shapes that contradict config.json
+        if "mismatched_sizes" in str(err):
+            raise PerftError(f"cannot load model {name_or_path!r}: the shapes of its weights do not match its "
+                             "config.json; the checkpoint is damaged or its config belongs to another model") from None
+        raise PerftError(f"cannot load model {name_or_path!r}: {first_line(err)}") from None
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:
@@ -76,8 +108,7 @@ def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, paddin
     try:
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PerftError(f"cannot load the tokenizer of {name_or_path!r}: {first}") from None
+        raise PerftError(f"cannot load the tokenizer of {name_or_path!r}: {first_line(err)}") from None
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is None:
             raise PerftError(

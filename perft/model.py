@@ -44,10 +44,20 @@ class PerftModel(nn.Module):
         self._blocks: list[MoEBlockInfo] = blocks
         self._layers: dict[str, PerftLayer] = {}
         self._handles: list = []
-        for block in blocks:
-            layer, handles = attach(config, block, dtype)
-            self._layers[block.path] = layer
-            self._handles.extend(handles)
+        try:
+            for block in blocks:
+                layer, handles = attach(config, block, dtype)
+                self._layers[block.path] = layer
+                self._handles.extend(handles)
+        except (RuntimeError, MemoryError) as err:
+            if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+                raise
+            self.unload()
+            raise PerftError(
+                f"cannot allocate the adapter weights (rank={config.rank}, num_experts={config.num_experts} on "
+                f"{len(blocks)} MoE blocks of hidden size {blocks[0].hidden_size}): out of memory; "
+                "lower rank or num_experts"
+            ) from None
 
     # ------------------------------------------------------------------ delegation
     def __getattr__(self, name: str) -> Any:
@@ -172,6 +182,11 @@ class PerftModel(nn.Module):
             )
         for name, target in expected.items():
             value = state[name]
+            if not isinstance(value, torch.Tensor) or not value.is_floating_point():
+                raise PerftError(
+                    f"{source}: tensor {name} has dtype {getattr(value, 'dtype', type(value).__name__)}, "
+                    "not a floating-point type; the adapter is corrupted"
+                )
             if tuple(value.shape) != tuple(target.shape):
                 raise PerftError(
                     f"{source}: tensor {name} has shape {tuple(value.shape)} but this model needs "
@@ -210,6 +225,14 @@ class PerftModel(nn.Module):
         check_compatible(config, base_model)
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
+            from perft.io import pickle_siblings
+
+            pickles = pickle_siblings(weights)
+            if pickles:
+                raise PerftError(
+                    f"no {WEIGHTS_NAME} in {directory}, only the pickle-based {pickles[0]}, which perft refuses to "
+                    "load (pickle files can run arbitrary code): convert it to .safetensors with a tool you trust"
+                )
             present = sorted(p.name for p in directory.iterdir())
             raise PerftError(f"no {WEIGHTS_NAME} in {directory} (found: {present}); the adapter was not saved completely")
         state = load_safetensors(weights)

@@ -52,7 +52,7 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise PerftError(f"data file {path} does not exist")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd numbers or nesting
         raise PerftError(f"{path} is not valid JSON ({err})") from None
     if not isinstance(records, list) or not records:
         raise PerftError(f"{path} must hold a non-empty JSON list of records (instruction, input, output)")
@@ -62,7 +62,19 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         for key in ("input", "output"):
             if record.get(key) is not None and not isinstance(record[key], str):
                 raise PerftError(f"{path}: record {i} field {key!r} must be text")
+        for key in ("instruction", "input", "output"):
+            text = record.get(key)
+            if isinstance(text, str) and not _encodable(text):
+                raise PerftError(f"{path}: record {i} field {key!r} is not valid Unicode text (an unpaired surrogate)")
     return records
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def prepare_data(

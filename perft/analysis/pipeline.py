@@ -61,6 +61,8 @@ class AnalysisOptions:
             raise PerftError(f"unknown projection {self.projection!r}; choose one of {', '.join(PROJECTIONS)}")
         if self.keys_per_expert < 0:
             raise PerftError("--keys-per-expert must be >= 0 (0 = every row)")
+        if not 0 <= self.seed <= 2**32 - 1:
+            raise PerftError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
 
 
 def check_adapter_dir(path: str | Path) -> PerftConfig:

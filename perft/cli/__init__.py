@@ -37,7 +37,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except PerftError as err:
-        print(f"perft {args.command}: error: {err}", file=sys.stderr)
+        message = str(err).replace("\r", "\\r").replace("\n", "\\n")  # one line, whatever a value holds
+        print(f"perft {args.command}: error: {message}", file=sys.stderr)
+        return 2
+    except OSError as err:  # e.g. the disk filled up or a folder turned read-only mid-run
+        from perft.io import describe_os_error
+
+        print(f"perft {args.command}: error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print(f"perft {args.command}: interrupted", file=sys.stderr)

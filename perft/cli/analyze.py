@@ -84,7 +84,9 @@ def _check_layers_exist(model: str, layers: list[int]) -> None:
         return
     try:
         config = json.loads(config_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        return  # the model load reports it
+    if not isinstance(config, dict):
         return
     depth = config.get("num_hidden_layers") or (config.get("text_config") or {}).get("num_hidden_layers")
     if isinstance(depth, int) and max(layers) >= depth:
@@ -124,6 +126,9 @@ def run(args: argparse.Namespace) -> int:
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise PerftError(f"--output {output} exists and is not a folder")
+    from perft.io import check_writable_dir
+
+    check_writable_dir(output)
     _check_layers_exist(args.model, (options.layers or []) + (options.projection_layers or []))
     if args.no_progress:
         from transformers.utils import logging as hf_logging

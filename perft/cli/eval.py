@@ -74,7 +74,9 @@ def _check_adapter_matches(model: str, adapter: str) -> None:
         return  # a hub name: PerftModel.from_pretrained checks after loading
     try:
         base = json.loads(base_config.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError, RecursionError):
+        return  # the model load reports it
+    if not isinstance(base, dict):
         return
     if config.model_type and base.get("model_type") and config.model_type != base["model_type"]:
         raise PerftError(
@@ -153,6 +155,13 @@ def run(args: argparse.Namespace) -> int:
         lm_tasks = check_tasks(lm_tasks, manager)
     if args.adapter:
         _check_adapter_matches(args.model, args.adapter)
+    from perft.io import check_writable_dir
+
+    check_writable_dir(args.output)
+    if args.no_progress:  # also no "Loading weights" bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
     model, tokenizer = _load(args)
 

@@ -78,6 +78,10 @@ def run(args: argparse.Namespace) -> int:
     from perft.training import train
 
     config = config_from_args(args)
+    if config.progress is False:  # also no "Loading weights" bars from transformers
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     result = train(config)
     if result.status == "interrupted":
         return 128 + int(result.signal or signal.SIGINT)

@@ -57,6 +57,8 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
             f"{path} is not valid JSON (line {err.lineno}, column {err.colno}: {err.msg}); "
             "fix the file or re-export it as a JSON list of records"
         ) from None
+    except (ValueError, RecursionError) as err:  # a number of thousands of digits, nesting thousands deep
+        raise PerftError(f"{path} is not a usable JSON data file ({err}); fix the file") from None
     if isinstance(data, dict):
         # {"train": [...]} or {"data": [...]} wrappers are common; one list inside is accepted.
         lists = [v for v in data.values() if isinstance(v, list)]
@@ -90,6 +92,8 @@ def _parse_json_lines(text: str, path: Path) -> list[dict[str, Any]]:
             records.append(json.loads(line))
         except json.JSONDecodeError as err:
             raise PerftError(f"{path} line {number} is not valid JSON ({err.msg}); fix or remove that line") from None
+        except (ValueError, RecursionError) as err:
+            raise PerftError(f"{path} line {number} is not usable JSON ({err}); fix or remove that line") from None
     return records
 
 
@@ -150,12 +154,28 @@ def validate_records(records: list[Any], source: str = "data") -> list[dict[str,
         value = record.get("input")
         if not _missing(value) and not isinstance(value, str):
             raise PerftError(f"record {index} of {source}: 'input' must be text or absent, got {type(value).__name__}")
+        for name in ("instruction", "input", "output"):
+            text = record.get(name)
+            if isinstance(text, str) and not _encodable(text):
+                raise PerftError(
+                    f"record {index} of {source}: '{name}' is not valid Unicode text (it holds an unpaired "
+                    "surrogate such as \\ud800); fix the record"
+                )
         clean.append({
             "instruction": record["instruction"],
             "input": "" if _missing(value) else value,
             "output": record["output"],
         })
     return clean
+
+
+def _encodable(text: str) -> bool:
+    """Text a tokenizer can take: no lone UTF-16 surrogates (JSON allows "\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 # ---------------------------------------------------------------------------- tokenisation

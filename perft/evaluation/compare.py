@@ -20,7 +20,7 @@ def load_summary(run: str | Path) -> dict[str, Any]:
         raise PerftError(f"no {SUMMARY_FILE} in {run}; run `perft eval ... --output {run}` first")
     try:
         summary = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON
         raise PerftError(f"{path} is not a readable summary ({err}); re-run the evaluation") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), dict):
         raise PerftError(f"{path} is not a perft evaluation summary (no 'tasks'); re-run the evaluation")

@@ -77,14 +77,18 @@ def _read_records(path: Path) -> list[Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as err:
         raise PerftError(f"cannot read {path}: {err}") from None
+    except UnicodeDecodeError as err:
+        raise PerftError(f"{path} is not UTF-8 text ({err}); re-save it as UTF-8") from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError:
         # Also accept JSON Lines.
         try:
             data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except json.JSONDecodeError as err:
+        except (ValueError, RecursionError) as err:
             raise PerftError(f"{path} is neither a JSON list nor JSON Lines ({err}); fix the file") from None
+    except (ValueError, RecursionError) as err:  # absurd numbers or nesting
+        raise PerftError(f"{path} is not a usable JSON file ({err}); fix the file") from None
     if isinstance(data, dict) and isinstance(data.get("data"), list):
         data = data["data"]
     if not isinstance(data, list):
@@ -240,8 +244,10 @@ class Evaluation:
             return
         try:
             previous = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, json.JSONDecodeError):
+        except (OSError, ValueError, RecursionError):
             raise PerftError(f"{path} is unreadable; delete it or choose another --output") from None
+        if not isinstance(previous, dict):
+            raise PerftError(f"{path} is not a perft run record; delete it or choose another --output")
         current = self._run_record()
         for key, value in current.items():
             if key in previous and previous[key] != value:
@@ -257,7 +263,10 @@ class Evaluation:
         path = self.jsonl_path(task)
         if not path.is_file():
             return {}
-        lines = path.read_text(encoding="utf-8").splitlines()
+        try:
+            lines = path.read_text(encoding="utf-8").splitlines()
+        except UnicodeDecodeError:
+            raise PerftError(f"{path} is not UTF-8 text; delete the file to re-evaluate {task.spec.name}") from None
         rows: dict[int, dict[str, Any]] = {}
         dropped_tail = False
         for number, line in enumerate(lines):
@@ -266,7 +275,7 @@ class Evaluation:
             try:
                 row = json.loads(line)
                 index = int(row["index"])
-            except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, RecursionError):
                 if number == len(lines) - 1:
                     dropped_tail = True  # a line cut short by an interrupted run
                     continue

@@ -9,6 +9,7 @@ are built in; a project's own suites are declared with a `task.json` sidecar nex
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -161,6 +162,7 @@ def canonical_name(name: str) -> str:
     return _ALIASES[key]
 
 
+_UNSAFE_NAME = re.compile(r"[/\\\x00-\x1f]")
 _KIND_SYNONYMS = {"multiple_choice": "choice", "choice": "choice", "arithmetic": "number", "number": "number"}
 _FIELD_SYNONYMS = {"kind": "answer_type", "answer_words": "choices", "task": "name"}
 
@@ -176,7 +178,7 @@ def task_from_dict(raw: dict[str, Any], *, name: str | None = None, source: str 
     if not isinstance(raw, dict):
         raise PerftError(f"{source} must be a JSON object with at least 'answer_type'")
     allowed = {"name", "answer_type", "choices", "prefill", "max_new_tokens", "aliases", "loglik", "description",
-               "answer_pattern", *_FIELD_SYNONYMS}
+               "answer_pattern", "sizes", "seed", *_FIELD_SYNONYMS}  # sizes/seed: generator metadata, ignored
     unknown = sorted(set(raw) - allowed)
     if unknown:
         raise PerftError(f"{source} has unknown fields {unknown}; allowed: {sorted(allowed)}")
@@ -203,6 +205,12 @@ def task_from_dict(raw: dict[str, Any], *, name: str | None = None, source: str 
     task_name = str(raw.get("name") or name or "")
     if not task_name:
         raise PerftError(f"{source} needs a 'name'")
+    if _UNSAFE_NAME.search(task_name) or task_name.startswith(".") or len(task_name) > 128:
+        # The name becomes a file name (<output>/<name>.jsonl): it must not lead anywhere else.
+        raise PerftError(
+            f"{source}: task name {task_name!r} is not a plain file name (no '/', '\\', leading '.', "
+            "control characters, at most 128 characters)"
+        )
     try:
         return TaskSpec(
             name=task_name,
@@ -224,7 +232,7 @@ def load_task_file(path: str | Path, *, name: str | None = None) -> TaskSpec:
     path = Path(path)
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError, RecursionError) as err:  # ValueError: bad UTF-8 or JSON
         raise PerftError(f"cannot read task file {path}: {err}; fix its JSON") from None
     return task_from_dict(raw, name=name or path.parent.name, source=f"task file {path}")
 

@@ -23,6 +23,8 @@ REPORTERS = ("tensorboard", "wandb", "none")
 STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "true", "false")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
+MAX_SEED = 2**32 - 1
+MAX_INT = 2**31 - 1  # sizes, steps and token counts beyond this are typos (and overflow tokenizers)
 
 # Fields that may change between a run and its resumption: where things go, how they are
 # shown, and memory knobs that do not change the maths of a step.
@@ -136,7 +138,7 @@ class TrainingConfig:
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""
-                raise PerftError(f"unknown setting '{key}' in {source}{hint}; see `perft train --help`")
+                raise PerftError(f"unknown setting {str(key)!r} in {source}{hint}; see `perft train --help`")
             values[name] = value
         cfg = cls(**values)
         cfg.normalise()
@@ -174,6 +176,12 @@ class TrainingConfig:
     # ------------------------------------------------------------------ validation
     def validate(self, world_size: int = 1) -> None:
         """Raise `PerftError` for the first impossible or missing setting, naming the fix."""
+        for name in ("model", "data", "output", "tokenizer", "config", "run_name", "wandb_project", "report_to"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise PerftError(f"{name} must be text, got {value!r}")
+            if isinstance(value, str) and "\x00" in value:
+                raise PerftError(f"{name} contains a NUL character: {value!r}")
         for name in ("model", "data", "output"):
             if not getattr(self, name):
                 raise PerftError(f"no --{name} given: set it on the command line or as '{name}:' in the YAML config")
@@ -199,8 +207,10 @@ class TrainingConfig:
                 f"{world_size} process(es); pick sizes with batch = micro x accumulation x processes"
             )
         for name, minimum in (("cutoff_len", 2), ("val_set_size", 0), ("warmup_steps", 0), ("eval_steps", 1),
-                              ("save_steps", 1), ("logging_steps", 1), ("split_seed", 0), ("seed", 0)):
+                              ("save_steps", 1), ("logging_steps", 1)):
             _int(self, name, minimum)
+        for name in ("split_seed", "seed"):  # numpy and torch take seeds of 32 bits
+            _int(self, name, 0, maximum=MAX_SEED)
         for name in ("max_steps", "max_train_samples", "save_total_limit", "eval_batch_size"):
             if getattr(self, name) is not None:
                 _int(self, name, 1)
@@ -220,6 +230,8 @@ class TrainingConfig:
             self.perft_config()  # PerftConfig's own checks: top_k <= num_experts, rank >= 1, dropout, ...
         else:
             _int(self, "rank", 1)
+            if self.alpha is not None:
+                _number(self, "alpha", positive=True)
             if not (isinstance(self.dropout, float) and 0 <= self.dropout < 1):
                 raise PerftError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
             if self.method == "lora-experts" and self.dropout != 0:
@@ -273,6 +285,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     import yaml
 
     path = Path(path)
+    if path.is_dir():
+        raise PerftError(f"config file {path} is a directory: give the YAML file itself")
     if not path.is_file():
         raise PerftError(f"config file {path} does not exist")
     try:
@@ -283,6 +297,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise PerftError(f"config file {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    except (ValueError, RecursionError) as err:  # e.g. a 5000-digit number, or lists nested thousands deep
+        raise PerftError(f"config file {path} is not a usable YAML config: {err}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -290,10 +306,12 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
-def _int(cfg: TrainingConfig, name: str, minimum: int) -> None:
+def _int(cfg: TrainingConfig, name: str, minimum: int, maximum: int = MAX_INT) -> None:
     value = getattr(cfg, name)
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise PerftError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    if value > maximum:
+        raise PerftError(f"{name} must be an integer <= {maximum}, got {value!r}")
 
 
 def _number(cfg: TrainingConfig, name: str, positive: bool = False) -> None:

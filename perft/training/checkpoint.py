@@ -12,7 +12,12 @@ A checkpoint directory `checkpoint-<step>/` holds
 Nothing here unpickles: tensors go through safetensors, the rest through JSON. Each
 checkpoint is written into `.tmp-checkpoint-<step>/`, fsynced, then renamed into place, so
 a process killed at any moment leaves either the previous complete checkpoints or the new
-one, never a torn one.
+one, never a torn one. Old checkpoints are renamed to `.trash-*` before they are deleted,
+for the same reason.
+
+Fault injection (tests only): `PERFT_FAULT_INJECT=<point>[:<step>]` makes the process
+SIGKILL itself the first time it reaches `<point>` (at that global step); unset, as in every
+real run, `fault_point` is one environment lookup. The points are `FAULT_POINTS`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +42,27 @@ from perft.training.distributed import DistributedContext
 STATE_NAME = "trainer_state.json"
 FORMAT_VERSION = 1
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+FAULT_ENV = "PERFT_FAULT_INJECT"
+FAULT_POINTS = (
+    # in save_checkpoint, in order
+    "checkpoint_start", "after_rng", "after_adapter", "after_optimizer", "before_state", "before_rename",
+    "after_rename",
+    # rotation: an old checkpoint renamed to .trash-*, not yet deleted
+    "rotate",
+    # in the trainer: after an optimiser step (before logging/eval/save), inside an evaluation,
+    # exporting the final adapter (copied, not yet renamed), before train_summary.json
+    "step", "eval", "export", "summary",
+)
+
+
+def fault_point(name: str, step: int | None = None) -> None:
+    """SIGKILL this process here if `PERFT_FAULT_INJECT` names this point (and step); see the module doc."""
+    spec = os.environ.get(FAULT_ENV)
+    if not spec:
+        return
+    point, _, at = spec.partition(":")
+    if point == name and (not at or at == str(step)):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
 
 
 # ---------------------------------------------------------------------------- adapters
@@ -190,22 +217,47 @@ def replace_dir(tmp: Path, final: Path) -> None:
         shutil.rmtree(trash, ignore_errors=True)
 
 
+def remove_dir(path: Path, *, fault_step: int | None = None) -> None:
+    """Delete a checkpoint-like directory without ever leaving a torn one under its name.
+
+    It is renamed to `.trash-<name>` first (atomic); a kill during the deletion leaves only
+    that hidden folder, which `remove_stale_temporaries` clears on the next start. A symbolic
+    link is removed itself, never followed: what it points to stays untouched.
+    """
+    if path.is_symlink():
+        path.unlink()
+        return
+    trash = path.with_name(f".trash-{path.name}")
+    _remove(trash)
+    os.replace(path, trash)
+    if fault_step is not None:
+        fault_point("rotate", fault_step)
+    _remove(trash)
+
+
+def _remove(path: Path) -> None:
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path, ignore_errors=True)
+
+
 def remove_stale_temporaries(output_dir: Path) -> None:
     """Leftovers of a process killed while writing (never complete checkpoints)."""
     if output_dir.is_dir():
         for child in output_dir.iterdir():
-            if child.is_dir() and child.name.startswith((".tmp-", ".trash-")):
-                shutil.rmtree(child, ignore_errors=True)
+            if child.name.startswith((".tmp-", ".trash-")) and (child.is_dir() or child.is_symlink()):
+                _remove(child)
 
 
-def rotate_checkpoints(output_dir: Path, keep: int | None, protect: set[int]) -> None:
+def rotate_checkpoints(output_dir: Path, keep: int | None, protect: set[int], step: int | None = None) -> None:
     """Delete all but the newest `keep` checkpoints; steps in `protect` (the best) survive."""
     if keep is None:
         return
     checkpoints = list_checkpoints(output_dir)
     doomed = [(s, p) for s, p in checkpoints[:-keep] if s not in protect] if len(checkpoints) > keep else []
     for _, path in doomed:
-        shutil.rmtree(path, ignore_errors=True)
+        remove_dir(path, fault_step=step)
 
 
 # ---------------------------------------------------------------------------- save / load
@@ -224,6 +276,7 @@ def save_checkpoint(
     final = output_dir / f"checkpoint-{step}"
     tmp = output_dir / f".tmp-checkpoint-{step}"
     if ctx.is_main:
+        fault_point("checkpoint_start", step)
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir(parents=True)
@@ -233,14 +286,20 @@ def save_checkpoint(
     (tmp / f"rng_state_{ctx.rank}.json").write_text(json.dumps(meta), encoding="utf-8")
     ctx.barrier()
     if ctx.is_main:
+        fault_point("after_rng", step)
         save_adapter(model, tmp)
+        fault_point("after_adapter", step)
         opt_tensors, opt_meta = optimizer_state(optimizer, param_names)
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
         (tmp / "optimizer.json").write_text(json.dumps(opt_meta), encoding="utf-8")
+        fault_point("after_optimizer", step)
         (tmp / "scheduler.json").write_text(json.dumps(_jsonable(scheduler.state_dict())), encoding="utf-8")
+        fault_point("before_state", step)
         payload = {"format_version": FORMAT_VERSION, **state}
         (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
+        fault_point("before_rename", step)
         replace_dir(tmp, final)
+        fault_point("after_rename", step)
     ctx.barrier()
     return final
 
@@ -250,26 +309,75 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     if not path.is_file():
         raise PerftError(f"{checkpoint} is not a complete perft checkpoint (no {STATE_NAME}); "
                          "pick another checkpoint or start a new run")
-    try:
-        state = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PerftError(f"{path} is damaged ({err}); resume from an older checkpoint") from None
-    if state.get("format_version", 0) > FORMAT_VERSION:
+    state = _read_json(path)
+    if not isinstance(state, dict):
+        raise PerftError(f"{path} is damaged (a JSON {type(state).__name__}, not an object); "
+                         "resume from an older checkpoint")
+    version = state.get("format_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise PerftError(f"{path} is damaged (format_version {version!r}); resume from an older checkpoint")
+    if version > FORMAT_VERSION:
         raise PerftError(f"{checkpoint} was written by a newer perft; upgrade perft to resume it")
+    step = state.get("global_step")
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise PerftError(f"{path} is damaged (global_step {step!r}); resume from an older checkpoint")
+    for key in ("best_step", "best_val_loss"):
+        if state.get(key) is not None and not isinstance(state[key], (int, float)):
+            raise PerftError(f"{path} is damaged ({key} {state[key]!r}); resume from an older checkpoint")
+    if not isinstance(state.get("history", []), list) or not isinstance(state.get("fingerprint", {}), dict):
+        raise PerftError(f"{path} is damaged (history/fingerprint); resume from an older checkpoint")
     return state
 
 
 def load_training_state(checkpoint: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer,
                         param_names: list[str], scheduler: Any, ctx: DistributedContext) -> None:
-    """Restore optimiser, scheduler and this rank's RNG (the adapter is loaded separately)."""
+    """Restore optimiser, scheduler and this rank's RNG (the adapter is loaded separately).
+
+    Every file is read and checked before anything is restored; a damaged one is a
+    `PerftError` naming it.
+    """
     tensors = load_safetensors(checkpoint / "optimizer.safetensors")
     meta = _read_json(checkpoint / "optimizer.json")
-    load_optimizer_state(optimizer, param_names, tensors, meta, source=str(checkpoint))
-    scheduler.load_state_dict(_read_json(checkpoint / "scheduler.json"))
+    sched = _read_json(checkpoint / "scheduler.json")
     rank_file = checkpoint / f"rng_state_{ctx.rank}.safetensors"
     if not rank_file.is_file():  # resumed with more processes than wrote it: exactness is lost anyway
         rank_file = checkpoint / "rng_state_0.safetensors"
-    set_rng_state(load_safetensors(rank_file), _read_json(rank_file.with_suffix(".json")))
+    rng_tensors, rng_meta = load_safetensors(rank_file), _read_json(rank_file.with_suffix(".json"))
+    current = (optimizer.state_dict(), scheduler.state_dict(), rng_state())
+    what = "optimizer.json/optimizer.safetensors"
+    try:
+        _check_optimizer_tensors(optimizer, param_names, tensors, checkpoint)
+        load_optimizer_state(optimizer, param_names, tensors, meta, source=str(checkpoint))
+        what = "scheduler.json"
+        if not isinstance(sched, dict) or not isinstance(sched.get("last_epoch"), int):
+            raise TypeError("not a learning-rate scheduler state")
+        scheduler.load_state_dict(sched)
+        what = rank_file.name
+        set_rng_state(rng_tensors, rng_meta)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        optimizer.load_state_dict(current[0])  # leave the run as it was before the attempt
+        scheduler.load_state_dict(current[1])
+        set_rng_state(*current[2])
+        raise PerftError(f"{checkpoint}: {what} is damaged ({type(err).__name__}: {err}); "
+                         "resume from an older checkpoint") from None
+
+
+def _check_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],
+                             checkpoint: Path) -> None:
+    """Every saved moment belongs to a trained parameter and has its shape (or is a scalar step)."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    shapes = {name: tuple(p.shape) for name, p in zip(names, params)}
+    for key, value in tensors.items():
+        name, _, field = key.rpartition("::")
+        if name not in shapes:
+            raise PerftError(f"{checkpoint}: optimizer.safetensors holds state for an unknown parameter {name!r}; "
+                             "the checkpoint belongs to another model or method")
+        if value.dim() and tuple(value.shape) != shapes[name]:
+            raise PerftError(f"{checkpoint}: optimizer state {key} has shape {tuple(value.shape)} but the parameter "
+                             f"has {shapes[name]}; the checkpoint is damaged or from another config")
+        if not torch.isfinite(value.float()).all():
+            raise PerftError(f"{checkpoint}: optimizer state {key} contains NaN or Inf; "
+                             "resume from an older checkpoint")
 
 
 def _read_json(path: Path) -> Any:
@@ -277,8 +385,8 @@ def _read_json(path: Path) -> Any:
         raise PerftError(f"checkpoint file {path} is missing; the checkpoint is incomplete")
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise PerftError(f"{path} is damaged ({err})") from None
+    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd numbers or nesting
+        raise PerftError(f"{path} is damaged ({err}); resume from an older checkpoint") from None
 
 
 def _jsonable(value: Any) -> Any:

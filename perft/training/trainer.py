@@ -36,7 +36,7 @@ from perft.data.collate import (
 )
 from perft.data.dataset import IGNORE_INDEX, PreparedData, prepare_data
 from perft.errors import PerftError
-from perft.io import atomic_write_text, load_safetensors
+from perft.io import atomic_write_text, check_writable_dir, load_safetensors
 from perft.training import checkpoint as ckpt
 from perft.training.args import TrainingConfig
 from perft.training.distributed import (
@@ -96,8 +96,9 @@ def preflight_model(cfg: TrainingConfig) -> None:
     try:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise PerftError(f"cannot read the config of model {cfg.model!r}: {first}") from None
+        from perft.loading import first_line
+
+        raise PerftError(f"cannot read the config of model {cfg.model!r}: {first_line(err)}") from None
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
@@ -168,6 +169,7 @@ class Trainer:
         cfg = self.cfg
         if self.out.exists() and not self.out.is_dir():
             raise PerftError(f"output {self.out} exists and is not a directory: pick another --output")
+        check_writable_dir(self.out)
         existing = ckpt.list_checkpoints(self.out)
         if cfg.resume is None:
             has_run = existing or (self.out / ADAPTER_DIR).exists()
@@ -259,31 +261,36 @@ class Trainer:
         if cfg.strategy != "fsdp" or not ctx.distributed:
             model.to(ctx.device)
 
-        # Everything is checked: from here on the output directory may change.
-        if ctx.is_main:
-            self._prepare_output(resume_state)
-        ctx.barrier()
         try:
             return self._train(model, tokenizer, data, resume_from, resume_state)
         finally:
             self._close_writers()
 
     def _prepare_output(self, resume_state: dict[str, Any] | None) -> None:
-        import shutil
+        try:
+            self._write_output_start(resume_state)
+        except OSError as err:  # e.g. read-only for root (immutable), or a full disk
+            where = f" ({err.filename})" if err.filename else ""
+            raise PerftError(f"cannot write to output {self.out}: {err.strerror or err}{where}; "
+                             "pick another --output") from None
 
+    def _write_output_start(self, resume_state: dict[str, Any] | None) -> None:
         import yaml
 
         self.out.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(self.out)
         if resume_state is None and self.cfg.overwrite_output_dir:
             for _, path in ckpt.list_checkpoints(self.out):
-                shutil.rmtree(path)
-            for name in (ADAPTER_DIR, METRICS_NAME, "train_summary.json"):
+                ckpt.remove_dir(path)  # never a torn checkpoint-N left by a kill
+            for name in (ADAPTER_DIR, "train_summary.json"):
                 target = self.out / name
-                if target.is_dir():
-                    shutil.rmtree(target)
-                elif target.exists():
+                if target.is_dir() and not target.is_symlink():
+                    ckpt.remove_dir(target)
+                elif target.exists() or target.is_symlink():
                     target.unlink()
+        metrics = self.out / METRICS_NAME
+        if resume_state is None and (metrics.exists() or metrics.is_symlink()):
+            metrics.unlink()  # left by a run killed before its first checkpoint: not this run's
         saved = {**self.cfg.to_dict(), "resume": None, "overwrite_output_dir": False}  # rerunning it starts no surprise
         atomic_write_text(self.out / "training_config.yaml", yaml.safe_dump(saved, sort_keys=False))
         metrics = self.out / METRICS_NAME
@@ -333,6 +340,12 @@ class Trainer:
             self.best_val, self.best_step = resume_state.get("best_val_loss"), resume_state.get("best_step")
             self.history = list(resume_state.get("history", []))
 
+        # Everything is checked, the checkpoint's training state included: from here on the
+        # output directory may change.
+        if ctx.is_main:
+            self._prepare_output(resume_state)
+        ctx.barrier()
+
         self._open_writers(step)
         self._report_start(data, total_steps, steps_per_epoch, resumed_at=step if resume_from else None)
         if resume_state is None and self.val_ds is not None:
@@ -366,6 +379,7 @@ class Trainer:
                 scheduler.step()
                 optimizer.zero_grad(set_to_none=True)
                 step += 1
+                ckpt.fault_point("step", step)
                 elapsed = time.perf_counter() - started
                 for key in ("loss", "aux"):
                     window[key] += stats[key]
@@ -592,6 +606,7 @@ class Trainer:
             record.update({f"router_{k}": v for k, v in self.router_summary(loads).items()}, router_load=loads)
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
+        ckpt.fault_point("eval", step)
         improved = count > 0 and (self.best_val is None or val_loss < self.best_val)
         if step > 0 and improved:
             self.best_val, self.best_step = val_loss, step
@@ -624,7 +639,7 @@ class Trainer:
                                     param_names=self.param_names, scheduler=scheduler, state=state, ctx=self.ctx)
         if self.ctx.is_main:
             protect = {self.best_step} if self.best_step is not None else set()
-            ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, protect)
+            ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, protect, step=step)
         self.ctx.barrier()
         return path
 
@@ -640,7 +655,8 @@ class Trainer:
             what, value = "gradient norm", stats["grad_norm"]
         return NonFiniteLoss(
             f"the {what} became {value} at step {step}; stopped without applying that update, {keep}: "
-            "lower --lr (or check the data) and resume from it"
+            "lower --lr (or fix the data) and start a new run from scratch; resuming with the same settings "
+            "would replay the same steps"
         )
 
     def _finish(self, step: int, total_steps: int, status: str) -> TrainResult:
@@ -652,7 +668,8 @@ class Trainer:
             source = self.out / f"checkpoint-{chosen}"
             if not source.is_dir():  # best checkpoint not kept (e.g. save_total_limit); fall back to the last
                 chosen, source = step, self.out / f"checkpoint-{step}"
-            adapter_dir = self._export_adapter(source)
+            adapter_dir = self._export_adapter(source, step)
+            ckpt.fault_point("summary", step)
             summary = {"status": status, "global_step": step, "adapter": str(adapter_dir),
                        "adapter_from_step": chosen, "best_step": self.best_step, "best_val_loss": self.best_val}
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
@@ -667,7 +684,7 @@ class Trainer:
         return TrainResult(self.out, adapter_dir, status, step, total_steps, self.best_step, self.best_val,
                            self._signal, list(self.history))
 
-    def _export_adapter(self, checkpoint: Path) -> Path:
+    def _export_adapter(self, checkpoint: Path, step: int) -> Path:
         import shutil
 
         final = self.out / ADAPTER_DIR
@@ -679,6 +696,7 @@ class Trainer:
         for item in checkpoint.iterdir():
             if item.is_file() and not item.name.startswith(skip):
                 shutil.copy2(item, tmp / item.name)
+        ckpt.fault_point("export", step)
         ckpt.replace_dir(tmp, final)
         return final
 
