@@ -55,6 +55,7 @@ class DemoConfig:
     lr: float = 2e-3
     batch_size: int = 16
     cutoff_len: int = 128
+    val_set_size: int = 200
     eval_batch_size: int = 48
     max_eval_samples: int | None = None
     max_steps: int | None = None
@@ -114,7 +115,7 @@ def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg
     settings: dict[str, Any] = {
         "model": str(base), "data": str(train_file), "output": str(output), "seed": seed,
         "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "micro_batch_size": cfg.batch_size,
-        "cutoff_len": cfg.cutoff_len, "val_set_size": 200, "warmup_steps": 20, "eval_steps": 100,
+        "cutoff_len": cfg.cutoff_len, "val_set_size": cfg.val_set_size, "warmup_steps": 20, "eval_steps": 100,
         "save_steps": 100, "save_total_limit": 1, "logging_steps": 10, "dropout": 0.0,
         "report_to": "tensorboard", "progress": cfg.progress, "overwrite_output_dir": True, "bf16": "false",
         "max_steps": cfg.max_steps, **method.settings, **cfg.extra,

@@ -1,0 +1,74 @@
+"""A small version of `perft demo` end to end: evaluate base, fine-tune PERFT-R, evaluate, table, figures."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from perft.demo import DEMO_TASKS, DemoConfig, Method, run_all_variants, run_demo
+from perft.errors import PerftError
+from perft.testing import save_tiny_model, save_tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("demo")
+    tasks = root / "dataset"
+    texts = []
+    for task in DEMO_TASKS:
+        (tasks / task).mkdir(parents=True)
+        if task == "tiny_math":
+            records = [{"instruction": f"What is {i} plus 1 ?", "input": "", "output": f"The answer is {i + 1}",
+                        "answer": str(i + 1)} for i in range(24)]
+            info = {"answer_type": "number", "max_new_tokens": 8}
+        else:
+            records = [{"instruction": f"Is {i} even ? Answer format: answer1/answer2", "input": "",
+                        "output": f"the correct answer is answer{1 + i % 2}", "answer": f"answer{1 + i % 2}"}
+                       for i in range(24)]
+            info = {"answer_type": "choice", "choices": "answer1|answer2", "prefill": "the correct answer is"}
+        texts += [r["instruction"] + " " + r["output"] for r in records]
+        (tasks / task / "train.json").write_text(json.dumps(records))
+        (tasks / task / "test.json").write_text(json.dumps(records[:6]))
+        (tasks / task / "task.json").write_text(json.dumps(info))
+    model = save_tiny_model("olmoe", root / "model", vocab_size=128)
+    save_tiny_tokenizer(model, texts + ["Below is an instruction that describes a task . Write a response that "
+                                        "appropriately completes the request . ### Instruction : Response :"])
+    return model, tasks
+
+
+def small(setup, tmp_path, **kw) -> DemoConfig:
+    model, tasks = setup
+    return DemoConfig(output=str(tmp_path / "out"), base_model=str(model), task_dir=str(tasks), max_steps=4, val_set_size=8,
+                      batch_size=8, eval_batch_size=8, progress=False, threads=1, **kw)
+
+
+def test_demo_end_to_end(setup, tmp_path):
+    summary = run_demo(small(setup, tmp_path))
+    out = tmp_path / "out"
+    for name in ("summary.json", "table.txt", "loss_curve.png", "routing.png"):
+        assert (out / name).is_file(), name
+    assert set(summary["base"]) == {*DEMO_TASKS, "average"} == set(summary["perft_r"])
+    assert 0 < summary["trainable_params"] < summary["total_params"]
+    table = (out / "table.txt").read_text()
+    assert "PERFT-R" in table and "tiny_math" in table and "trainable parameters" in table
+    assert (out / "perft-r" / "train" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_all_variants_writes_the_markdown_table(setup, tmp_path):
+    methods = (Method("PERFT-S (r4)", {"variant": "single", "rank": 4}),
+               Method("LoRA q,v (PEFT, r2)", {"method": "lora-attn", "rank": 2}))
+    results_file = tmp_path / "results.md"
+    results = run_all_variants(small(setup, tmp_path), seeds=(0, 1), results_file=str(results_file),
+                               methods=methods)
+    assert len(results) == 4
+    text = results_file.read_text()
+    assert "| frozen base |" in text and "| PERFT-S (r4) |" in text and "| LoRA q,v (PEFT, r2) |" in text
+    assert " ± " in text
+
+
+def test_missing_task_files_are_named(setup, tmp_path):
+    cfg = small(setup, tmp_path)
+    cfg.task_dir = str(tmp_path / "nowhere")
+    with pytest.raises(PerftError, match="tiny_commonsense/train.json is missing"):
+        run_demo(cfg)
