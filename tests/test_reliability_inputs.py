@@ -1,4 +1,4 @@
-"""Bad input: 79 distinct bad inputs to `perft train` / `perft eval` / `perft analyze`, their
+"""Bad input: 80 distinct bad inputs to `perft train` / `perft eval` / `perft analyze`, their
 YAML configs, data files, model/tokenizer/adapter folders, checkpoints and the Python API.
 
 Every CLI case must exit with status 2 and print exactly one line on stderr,
