@@ -9,7 +9,8 @@ small MoE learn to send them to different experts:
 - `commonsense`: everyday facts (where animals live, what tools are for, ...);
 - `arithmetic`: equations and worked word problems told as small stories;
 - `sequences`: counting, ordering, days and letters;
-- `records`: the same world and arithmetic as key-value records and code.
+- `records`: the same world and arithmetic as key-value records and code, and numbered lists
+  with look-ups into them (which number goes with which item).
 
 The text never asks a question (no "?"), never uses the prompt template, and never tells a
 word problem that the shipped tasks use (`exclude` keys), so the tasks' *knowledge* is in
@@ -25,6 +26,7 @@ from dataclasses import dataclass
 from perft.tiny.world import (
     COMMON_FACTS,
     NAMES,
+    PERSON_ATTRIBUTES,
     TOWNS,
     Problem,
     World,
@@ -33,7 +35,7 @@ from perft.tiny.world import (
 
 DOMAINS = ("world", "commonsense", "arithmetic", "sequences", "records")
 #: Share of documents per domain.
-DEFAULT_MIXTURE = {"world": 0.36, "commonsense": 0.14, "arithmetic": 0.26, "sequences": 0.10, "records": 0.14}
+DEFAULT_MIXTURE = {"world": 0.36, "commonsense": 0.12, "arithmetic": 0.28, "sequences": 0.07, "records": 0.17}
 
 DAYS = ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday")
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
@@ -196,12 +198,14 @@ def _commonsense_doc(rng: random.Random, world: World) -> str:
 
 # ---------------------------------------------------------------------------- arithmetic
 def _equation(rng: random.Random) -> str:
+    """A fact of the small tables: sums of 0..10 (sometimes up to 20), differences from up to 20, products 1..10."""
     kind = rng.random()
     if kind < 0.4:
-        a, b = rng.randint(0, 20), rng.randint(0, 20)
+        top = 10 if rng.random() < 0.8 else 20
+        a, b = rng.randint(0, top), rng.randint(0, top)
         return f"{a} + {b} = {a + b}"
     if kind < 0.75:
-        a = rng.randint(0, 40)
+        a = rng.randint(0, 20)
         b = rng.randint(0, a)
         return f"{a} - {b} = {a - b}"
     a, b = rng.randint(1, 10), rng.randint(1, 10)
@@ -209,7 +213,7 @@ def _equation(rng: random.Random) -> str:
 
 
 def _worded_equation(rng: random.Random) -> str:
-    a, b = rng.randint(1, 20), rng.randint(1, 20)
+    a, b = rng.randint(1, 10), rng.randint(1, 10)
     if rng.random() < 0.5:
         return f"{a} plus {b} makes {a + b}."
     hi, lo = max(a, b), min(a, b)
@@ -242,10 +246,10 @@ def tell_problem(rng: random.Random, p: Problem) -> str:
 
 def _arithmetic_doc(rng: random.Random, world: World, exclude: frozenset) -> tuple[str, tuple | None]:
     kind = rng.random()
-    if kind < 0.4:
-        lines = [_equation(rng) for _ in range(rng.randint(5, 10))]
-        return "\n".join(lines), None
     if kind < 0.5:
+        lines = [_equation(rng) for _ in range(rng.randint(6, 12))]
+        return "\n".join(lines), None
+    if kind < 0.58:
         return " ".join(_worded_equation(rng) for _ in range(rng.randint(3, 6))), None
     for _ in range(100):
         problem = sample_problem(rng)
@@ -285,8 +289,21 @@ def _sequences_doc(rng: random.Random, world: World) -> str:
 
 
 # ---------------------------------------------------------------------------- records
+def _lookup_doc(rng: random.Random) -> str:
+    """A numbered list and look-ups into it (which number goes with which item): an in-context skill."""
+    pool = sorted(
+        {v for values in PERSON_ATTRIBUTES.values() for v in values} | {v for _, _, v in COMMON_FACTS}
+    )
+    items = rng.sample(pool, rng.randint(3, 5))
+    listing = ", ".join(f"{i + 1} = {item}" for i, item in enumerate(items))
+    asked = rng.sample(range(len(items)), rng.randint(1, 3))
+    return f"list: {listing}\n" + "\n".join(f"{items[i]} -> {i + 1}" for i in asked)
+
+
 def _records_doc(rng: random.Random, world: World) -> str:
-    kind = rng.randrange(4)
+    kind = rng.randrange(5)
+    if kind == 4:
+        return _lookup_doc(rng)
     if kind == 0:
         rows = []
         for name in rng.sample(NAMES, rng.randint(1, 3)):

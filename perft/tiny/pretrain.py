@@ -13,6 +13,7 @@ statistics (held-out loss per domain against the unigram entropy, routing statis
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -54,7 +55,7 @@ class PretrainConfig:
 
     output: str = "tiny-olmoe"
     seed: int = 0
-    steps: int = 1200
+    steps: int = 800
     batch_size: int = 16
     seq_len: int = 256
     lr: float = 3e-3
@@ -67,12 +68,12 @@ class PretrainConfig:
     num_heads: int = 4
     num_experts: int = 8
     top_k: int = 2
-    intermediate_size: int = 256
+    intermediate_size: int = 128
     router_aux_loss_coef: float = 0.01
     vocab_size: int = 2048
     tokenizer_docs: int = 30000
     eval_docs_per_domain: int = 200
-    threads: int = 2
+    threads: int = 1
     precision: str = "auto"
     deterministic: bool = True
     log_every: int = 50
@@ -196,8 +197,9 @@ def unigram_entropy(
     return float(-logp[torch.tensor(ids)].mean())
 
 
-def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+def pretrain(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the recipe and write the checkpoint to `cfg.output`; return the statistics."""
+    log = log or functools.partial(print, flush=True)
     cfg.validate()
     out = Path(cfg.output)
     start = time.time()
@@ -230,8 +232,13 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] = print) -> dict[st
             f"{cfg.num_experts} experts top-{cfg.top_k}, bf16 autocast: {bf16}"
         )
 
-        decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-        no_decay = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
+        # Weight decay on projection and expert matrices only: not on embeddings, norms, or the
+        # routers (decaying router weights keeps their logits small and the routing needlessly flat).
+        decayed = {
+            n for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n and ".gate." not in n
+        }
+        decay = [p for n, p in model.named_parameters() if n in decayed]
+        no_decay = [p for n, p in model.named_parameters() if n not in decayed]
         opt = torch.optim.AdamW(
             [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
             lr=cfg.lr,

@@ -29,7 +29,7 @@ TASKS = ("tiny_commonsense", "tiny_math")
 TASK_SEED = 2024
 NUM_OPTIONS = 3
 SIZES = {"tiny_commonsense": (2000, 240), "tiny_math": (2000, 240)}  # (train, test)
-TEST_FACT_SHARE = 0.2
+TEST_FACT_SHARE = 0.3
 
 _MC_QUESTIONS = {
     ("person", "town"): ("Which town does {s} live in?", "Where is the home of {s}?"),
