@@ -674,6 +674,10 @@ def test_python_api_refuses_bad_values_with_perft_errors(env, tmp_path):
     state[sorted(state)[0]] = state[sorted(state)[0]].to(torch.int8)
     with pytest.raises(PerftError, match="not a floating-point type"):
         model.load_adapter_state_dict(state)
+    # a tokenizer without a pad token but with EOS is usable: EOS pads (without both: refused, above)
+    no_pad_tokenizer(env.model, tmp_path / "tok", eos=True)
+    tok = load_tokenizer(str(tmp_path / "tok"))
+    assert tok.pad_token is not None and tok.pad_token_id == tok.eos_token_id
     # a huge field is no error: it is cut at cutoff_len like any long record
     huge = tmp_path / "huge.json"
     huge.write_text(json.dumps([{"instruction": "fox " * 50_000, "output": "red " * 50_000}] * 2
