@@ -38,7 +38,11 @@ PERFT_SETTINGS: dict[str, dict[str, Any]] = {
     "perft-s": {"variant": "single", "rank": 16},
 }
 ALL_METHODS = ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv", "lora-experts", "loop-r")
-PERFT_LIKE = ("perft-r", "perft-e", "perft-d", "perft-s", "loop-r")
+# Extra methods, run on request: PERFT with adapter_dtype="auto" (adapters in the base dtype
+# instead of the default fp32), e.g. `perft-e-auto`.
+EXTRA_METHODS = tuple(f"{name}-auto" for name in PERFT_SETTINGS)
+PERFT_LIKE = ("perft-r", "perft-e", "perft-d", "perft-s", "loop-r", "perft-r-auto", "perft-e-auto", "perft-d-auto",
+              "perft-s-auto")
 
 
 # ---------------------------------------------------------------------------- machine
@@ -99,16 +103,8 @@ def small_model(*, quick: bool, backend: str = "grouped_mm") -> tuple[nn.Module,
     """
     from transformers import AutoModelForCausalLM, OlmoeConfig, OlmoeForCausalLM
 
-    path = None
-    if not quick:
-        try:
-            from perft import tiny
-
-            finder = getattr(tiny, "default_base_model_path", None)
-            path = finder() if finder is not None else None
-        except Exception:  # noqa: BLE001 - the embedded model is optional here
-            path = None
-    if path is not None and os.path.isdir(str(path)):
+    path = None if quick else installed_small_model()
+    if path is not None:
         model = AutoModelForCausalLM.from_pretrained(str(path), experts_implementation=backend)
         return model, f"embedded small model ({path})"
     if quick:
@@ -125,6 +121,26 @@ def small_model(*, quick: bool, backend: str = "grouped_mm") -> tuple[nn.Module,
     desc = ("random OLMoE, hidden {hidden_size}, {num_hidden_layers} layers, {num_experts} experts top-"
             "{num_experts_per_tok}, expert width {intermediate_size}, vocab {vocab_size}").format(**sizes)
     return OlmoeForCausalLM(cfg), desc
+
+
+def installed_small_model() -> str | None:
+    """Directory of the embedded small model if it is installed (shipped or already built).
+
+    Never calls `perft.tiny.default_base_model_path()` when the model is missing: that would
+    pretrain it (many CPU minutes) in the middle of a benchmark.
+    """
+    try:
+        from perft import tiny
+    except ImportError:
+        return None
+    candidates = [getattr(tiny, "SHIPPED_MODEL", None)]
+    if hasattr(tiny, "cache_dir"):
+        candidates.append(tiny.cache_dir() / "tiny-olmoe")
+    files = getattr(tiny, "MODEL_FILES", ("config.json", "model.safetensors"))
+    for directory in candidates:
+        if directory is not None and all((directory / name).is_file() for name in files):
+            return str(directory)
+    return None
 
 
 def share_weights_copy(base: nn.Module) -> nn.Module:
@@ -190,9 +206,12 @@ def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = Non
     if name.startswith("base@"):  # the frozen base with another experts_implementation
         model.config._experts_implementation = name.split("@", 1)[1]
         return Method(name, model, 0, f"frozen, experts backend {name.split('@', 1)[1]}")
-    if name in PERFT_SETTINGS or name == "loop-r":
-        settings = PERFT_SETTINGS["perft-r" if name == "loop-r" else name]
-        cfg = PerftConfig(adapter="lora", alpha=2.0 * settings["rank"], dropout=0.0, **settings)
+    if name in PERFT_SETTINGS or name == "loop-r" or name in EXTRA_METHODS:
+        key = "perft-r" if name == "loop-r" else name.removesuffix("-auto")
+        settings = PERFT_SETTINGS[key]
+        adapter_dtype = "auto" if name.endswith("-auto") else "float32"
+        cfg = PerftConfig(adapter="lora", alpha=2.0 * settings["rank"], dropout=0.0, adapter_dtype=adapter_dtype,
+                          **settings)
         wrapped = get_perft_model(model, cfg)
         randomize_adapters(wrapped, seed)
         layers = wrapped.perft_layers
@@ -200,6 +219,8 @@ def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = Non
         note = f"N={first.num_experts}, " + (f"top-{cfg.top_k}, " if cfg.variant == "routed" else "") + f"r={cfg.rank}"
         if cfg.variant == "embedded":
             note = f"N={first.num_experts} (base top-k), r={cfg.rank}"
+        if name.endswith("-auto"):
+            note += f"; adapters in {str(first.experts.down.dtype).removeprefix('torch.')} (adapter_dtype=auto)"
         if name == "loop-r":
             for layer in layers.values():
                 layer.delta = types.MethodType(loop_routed_delta, layer)

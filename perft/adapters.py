@@ -93,6 +93,42 @@ class AdapterExperts(nn.Module):
         y = _StackedExperts.apply(x, self.down.reshape(n * r, d), self.up_matrix(), weights, self.scaling, self.act, n, r)
         return y.to(out_dtype)
 
+    def forward_selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """`forward(x, dense weights)` for a sparse routing, reading only the selected experts.
+
+        index / weights: [T, k] expert ids and their weights (ids >= N are dropped). For a few
+        tokens (decoding) reading all N experts' tensors would dominate: this gathers the T*k
+        selected ones instead, without a data-dependent shape or a host sync. Same result as the
+        dense path up to the summation order.
+        """
+        n, r, d = self.num_experts, self.rank, self.hidden_size
+        tokens, k = index.shape
+        out_dtype = x.dtype
+        x = x.to(self.down.dtype)
+        if not isinstance(self.dropout, nn.Identity) and self.training:
+            x = self.dropout(x)
+        valid = index < n
+        ids = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
+        w = weights.to(x.dtype) * valid
+        w = w * self.scaling if self.scaling != 1.0 else w
+        h = torch.matmul(self.down.index_select(0, ids).view(tokens, k * r, d), x.unsqueeze(-1)).view(tokens, k, r)
+        if self.act is not None:
+            h = self.act(h)
+        h = (h * w.unsqueeze(-1)).view(tokens, k * r)
+        up = self.up.transpose(0, 1).index_select(1, ids).view(d, tokens, k * r)  # [d, T, k*r]
+        if tokens == 1:
+            y = F.linear(h, up.view(d, k * r))
+        else:
+            y = torch.matmul(up.permute(1, 0, 2), h.unsqueeze(-1)).squeeze(-1)
+        return y.to(out_dtype)
+
+    def prefers_selected(self, x: torch.Tensor, top_k: int) -> bool:
+        """Whether `forward_selected` should serve these tokens: no gradient is wanted and the
+        T*k selected experts are no more than the N stacked ones."""
+        if x.shape[0] * top_k > self.num_experts:
+            return False
+        return not (torch.is_grad_enabled() and (x.requires_grad or self.down.requires_grad or self.up.requires_grad))
+
     def up_matrix(self) -> torch.Tensor:
         """`up` as the [d, N*r] matrix of the second product: a view while `up` keeps its
         [d, N, r] memory layout (a copy only if something replaced it with another layout)."""

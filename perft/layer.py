@@ -63,20 +63,26 @@ class PerftLayer(nn.Module):
     # ------------------------------------------------------------------ math
     def delta(self, x: torch.Tensor, base_index: torch.Tensor | None = None, base_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter output for flat tokens x [T, d] (same dtype as x)."""
-        h = x.to(self.experts.down.dtype)
+        dtype = self.experts.down.dtype
         weights = None
         if self.variant == "routed":
             assert self.router is not None
-            probs, weights, top_index = self.router(h)
-            mask = self._mask_for(h.shape[0])
+            # The router works in fp32 whatever it is given; it sees x rounded to the adapter dtype.
+            probs, weights, top_index = self.router(x if dtype in (x.dtype, torch.float32) else x.to(dtype))
+            mask = self._mask_for(x.shape[0])
             if self.compute_balance:
                 self.balance_terms = switch_balance_terms(probs, top_index, mask)
             if self.record_routing:
                 self.last_routing = {"probs": probs.detach(), "index": top_index.detach()}
+            if self.experts.prefers_selected(x, top_index.shape[1]):  # decoding: read only the chosen experts
+                return self.experts.forward_selected(x, top_index, weights.gather(1, top_index))
         elif self.variant == "embedded":
             assert base_index is not None and base_weights is not None
-            weights = dense_routing_weights(base_index, base_weights.to(h.dtype), self.num_experts)
-        return self.experts(h, weights).to(x.dtype)
+            if self.experts.prefers_selected(x, base_index.shape[1]):
+                return self.experts.forward_selected(x, base_index, base_weights)
+            weights = dense_routing_weights(base_index, base_weights.to(dtype), self.num_experts)
+        # The experts cast x to the adapter dtype themselves, so that copy is not kept for backward.
+        return self.experts(x, weights).to(x.dtype)
 
     def _mask_for(self, tokens: int) -> torch.Tensor | None:
         mask = self.token_mask
