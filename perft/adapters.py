@@ -221,6 +221,42 @@ def _weighted_middle(h: torch.Tensor, weights: torch.Tensor | None, scaling: flo
     return (a.view(-1, n, r) * w.unsqueeze(-1)).view(-1, n * r)
 
 
+class _UpcastLinear(torch.autograd.Function):
+    """`F.linear(x.to(weight.dtype), weight)` that keeps x in its own dtype for backward.
+
+    For a bf16 x and an fp32 weight, autograd would keep the fp32 copy of x alive from forward
+    to backward; this rebuilds it in backward instead. Same products, same results.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        ctx.device_type = x.device.type
+        ctx.amp = _autocast_dtype(ctx.device_type)
+        out = F.linear(x.to(weight.dtype), weight)
+        ctx.save_for_backward(x, weight)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        x, weight = ctx.saved_tensors
+        g_x = g_w = None
+        with _autocast_like(ctx.device_type, ctx.amp):
+            grad = grad.to(weight.dtype) if ctx.amp is None else grad
+            if ctx.needs_input_grad[0]:
+                g_x = grad.mm(weight).to(x.dtype)
+            if ctx.needs_input_grad[1]:
+                g_w = grad.t().mm(x.to(weight.dtype)).to(weight.dtype)
+        return g_x, g_w
+
+
+def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """`F.linear(x.to(weight.dtype), weight)` without keeping the upcast copy of x for backward."""
+    if x.dtype == weight.dtype or x.dim() != 2:
+        return F.linear(x.to(weight.dtype), weight)
+    return _UpcastLinear.apply(x, weight)
+
+
 class AdapterRouter(nn.Module):
     """The PERFT-R router: `softmax(W_r x)` in fp32, top-k kept, optionally renormalised."""
 
@@ -252,7 +288,7 @@ class AdapterRouter(nn.Module):
         autocast_off = (torch.autocast(device_type=device, enabled=False)
                         if torch.amp.autocast_mode.is_autocast_available(device) else contextlib.nullcontext())
         with autocast_off:
-            logits = F.linear(x.float(), self.weight.float())
+            logits = upcast_linear(x, self.weight.float())
             big = torch.finfo(torch.float32).max
             logits = torch.nan_to_num(logits, nan=float("nan"), posinf=big, neginf=-big)
             probs = torch.softmax(logits, dim=-1)

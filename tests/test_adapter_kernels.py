@@ -123,3 +123,22 @@ def test_selected_experts_path_matches_the_dense_path(kind, x_dtype):
     assert not ex.prefers_selected(torch.randn(5, 32), k)  # 10 selected > 8 stacked: dense is cheaper
     ex.train()
     assert not ex.prefers_selected(torch.randn(1, 32), k)  # training wants gradients: the dense path
+
+
+@pytest.mark.parametrize("x_dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("autocast", [False, True])
+def test_upcast_linear_equals_autograd(x_dtype, autocast):
+    """The router's fp32 product keeps x in its own dtype for backward; results are unchanged."""
+    from perft.adapters import upcast_linear
+
+    torch.manual_seed(0)
+    x0, w0, gy = torch.randn(7, 12).to(x_dtype), torch.randn(5, 12), torch.randn(7, 5)
+    results = []
+    for fn in (upcast_linear, lambda x, w: F.linear(x.to(w.dtype), w)):
+        x, w = x0.clone().requires_grad_(True), w0.clone().requires_grad_(True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            y = fn(x, w)
+        y.backward(gy.to(y.dtype))
+        results.append((y.detach(), x.grad, w.grad))
+    for a, b in zip(*results):
+        assert a.dtype == b.dtype and torch.equal(a, b)
