@@ -35,7 +35,6 @@ DEFAULT_METHOD = Method("PERFT-R (4 experts, top-2, r8)", {"variant": "routed", 
 ALL_METHODS = (
     DEFAULT_METHOD,
     Method("PERFT-R (8 experts, top-2, r4)", {"variant": "routed", "num_experts": 8, "top_k": 2, "rank": 4}),
-    Method("PERFT-R (2 experts, top-1, r16)", {"variant": "routed", "num_experts": 2, "top_k": 1, "rank": 16}),
     Method("PERFT-E (8 base experts, r4)", {"variant": "embedded", "rank": 4}),
     Method("PERFT-D (4 experts, r8)", {"variant": "dense", "num_experts": 4, "rank": 8}),
     Method("PERFT-S (r32)", {"variant": "single", "rank": 32}),
@@ -300,8 +299,8 @@ def format_results_markdown(base: dict[str, float], results: list[MethodResult],
     lines = [
         "# PERFT variants on the embedded tiny OLMoE",
         "",
-        "Regenerate with `perft demo --all-variants --results docs/results-tiny.md` "
-        f"(seeds {', '.join(map(str, seeds))}; {cfg.epochs:g} epochs, lr {cfg.lr:g}, batch {cfg.batch_size}, "
+        f"Regenerate with `{regenerate_command(cfg, seeds)}` "
+        f"(seeds {', '.join(map(str, seeds))}; {_budget(cfg)}, lr {cfg.lr:g}, batch {cfg.batch_size}, "
         "fine-tuned on the union of both suites' train splits; greedy generation, the paper's prompts "
         "and answer extraction). Accuracy in %, mean ± standard deviation over seeds.",
         "",
@@ -323,6 +322,24 @@ def format_results_markdown(base: dict[str, float], results: list[MethodResult],
         lines.append(f"| {name} | {first.trainable:,d} | {100 * first.trainable / first.total:.2f} | "
                      + " | ".join(cells) + f" | {seconds:.0f} |")
     return "\n".join(lines)
+
+
+def _budget(cfg: DemoConfig) -> str:
+    steps = f"{cfg.max_steps} optimiser steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
+    samples = f", first {cfg.max_eval_samples} test items per task" if cfg.max_eval_samples else ""
+    return steps + samples
+
+
+def regenerate_command(cfg: DemoConfig, seeds: tuple[int, ...]) -> str:
+    parts = ["perft demo --all-variants", f"--seeds {','.join(map(str, seeds))}"]
+    if cfg.max_steps:
+        parts.append(f"--max-steps {cfg.max_steps}")
+    if cfg.max_eval_samples:
+        parts.append(f"--max-eval-samples {cfg.max_eval_samples}")
+    if cfg.threads:
+        parts.append(f"--threads {cfg.threads}")
+    parts.append("--results docs/results-tiny.md")
+    return " ".join(parts)
 
 
 def with_overrides(cfg: DemoConfig, **changes: Any) -> DemoConfig:

@@ -19,6 +19,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 2)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop training after N optimiser steps")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate only the first N per task")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--all-variants", action="store_true", help="PERFT-R/E/D/S and LoRA, each over --seeds")
@@ -32,7 +33,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from perft.errors import PerftError
 
-    cfg = DemoConfig(output=args.output, seed=args.seed, max_eval_samples=args.max_eval_samples,
+    cfg = DemoConfig(output=args.output, seed=args.seed, max_eval_samples=args.max_eval_samples, max_steps=args.max_steps,
                      threads=args.threads, progress=not args.no_progress)
     if args.epochs is not None:
         cfg.epochs = args.epochs
