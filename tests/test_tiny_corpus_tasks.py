@@ -8,7 +8,7 @@ import re
 import pytest
 
 from perft.tiny import SHIPPED_TASKS, default_task_dir
-from perft.tiny.corpus import DOMAINS, Document, generate_corpus, tell_problem
+from perft.tiny.corpus import DOMAINS, Document, choice_head, generate_corpus, tell_problem
 from perft.tiny.tasks import (
     NUM_OPTIONS,
     SIZES,
@@ -70,6 +70,18 @@ def test_leak_check_catches_leaks(tasks):
     record = tasks["tiny_commonsense"]["test"][0]
     with pytest.raises(AssertionError, match="format marker"):
         check_no_leak([record["instruction"]], [], tasks)
+    test_fact = split_facts(World())[1][0]
+    leaked_choice = generate_corpus(200, seed=0, choice_facts=[test_fact])
+    with pytest.raises(AssertionError, match="choice record about a test fact"):
+        check_no_leak([d.text for d in leaked_choice], [], tasks)
+
+
+def test_choice_records_use_train_facts_only(corpus):
+    train_facts, test_facts = split_facts(World())
+    heads = [d.text.split(":", 1)[0] for d in corpus if d.text.startswith("choose for")]
+    assert len(heads) > 20
+    assert set(heads) <= {choice_head(*f[:3]) for f in train_facts}
+    assert not set(heads) & {choice_head(*f[:3]) for f in test_facts}
 
 
 def test_tasks_are_deterministic_and_sized(tasks):

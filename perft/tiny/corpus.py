@@ -9,8 +9,9 @@ small MoE learn to send them to different experts:
 - `commonsense`: everyday facts (where animals live, what tools are for, ...);
 - `arithmetic`: equations and worked word problems told as small stories;
 - `sequences`: counting, ordering, days and letters;
-- `records`: the same world and arithmetic as key-value records and code, and numbered lists
-  with look-ups into them (which number goes with which item).
+- `records`: the same world and arithmetic as key-value records and code, numbered lists with
+  look-ups into them (which number goes with which item), and "choose" records: a fact's
+  opening, numbered candidate values, and the number of the true one (train facts only).
 
 The text never asks a question (no "?"), never uses the prompt template, and never tells a
 word problem that the shipped tasks use (`exclude` keys), so the tasks' *knowledge* is in
@@ -30,6 +31,7 @@ from perft.tiny.world import (
     TOWNS,
     Problem,
     World,
+    relation_values,
     sample_problem,
 )
 
@@ -220,8 +222,12 @@ def _worded_equation(rng: random.Random) -> str:
     return f"{hi} minus {lo} leaves {hi - lo}."
 
 
-def tell_problem(rng: random.Random, p: Problem) -> str:
-    """A word problem told as a worked story, in the past tense (never as a question)."""
+def tell_problem(rng: random.Random, p: Problem, world: World | None = None) -> str:
+    """A word problem told as a worked story, in the past tense (never as a question).
+
+    With `world`, some stories put a sentence or two about the people, or a line break, between
+    the events and the worked equation, so the numbers must be found further back.
+    """
     n, o, obj = p.name, p.other, p.obj
     x = p.numbers
     if p.op == "add":
@@ -241,7 +247,21 @@ def tell_problem(rng: random.Random, p: Problem) -> str:
         start = f"{n} had {x[0]} {obj}."
         event = f"{o} gave {n} {x[1]} more, and later {n} lost {x[2]} of them."
         end = f"{x[0]} + {x[1]} = {mid} and {mid} - {x[2]} = {p.result}, so {n} had {p.result} {obj} left."
-    return f"{start} {event} {end}"
+    gap = " "
+    if world is not None and rng.random() < 0.5:
+        people = [q for q in (n, o) if q in world.people]
+        filler = []
+        for _ in range(rng.randint(1, 2)):
+            if people and rng.random() < 0.7:
+                who = rng.choice(people)
+                attr = rng.choice(list(world.people[who]))
+                filler.append(_person_sentence(rng, who, attr, world.people[who][attr]))
+            else:
+                filler.append(rng.choice([f"{n} counted the {obj}.", f"{n} put the {obj} on the table."]))
+        gap = " " + " ".join(filler) + rng.choice([" ", "\n"])
+    elif rng.random() < 0.2:
+        gap = "\n"
+    return f"{start} {event}{gap}{end}"
 
 
 def _arithmetic_doc(rng: random.Random, world: World, exclude: frozenset) -> tuple[str, tuple | None]:
@@ -254,7 +274,7 @@ def _arithmetic_doc(rng: random.Random, world: World, exclude: frozenset) -> tup
     for _ in range(100):
         problem = sample_problem(rng)
         if problem.key not in exclude:
-            return tell_problem(rng, problem), problem.key
+            return tell_problem(rng, problem, world), problem.key
     raise RuntimeError("could not draw a word problem outside the excluded set")  # pragma: no cover
 
 
@@ -300,10 +320,37 @@ def _lookup_doc(rng: random.Random) -> str:
     return f"list: {listing}\n" + "\n".join(f"{items[i]} -> {i + 1}" for i in asked)
 
 
-def _records_doc(rng: random.Random, world: World) -> str:
-    kind = rng.randrange(5)
+def _choice_doc(rng: random.Random, facts: list[tuple]) -> str:
+    """A fact and a numbered list of candidate values, and the number of the true one.
+
+    Only facts of the tasks' *train* split are used (`choice_facts`), never the test facts.
+    """
+    kind, subject, relation, value = rng.choice(facts)
+    pool = [v for v in relation_values(kind, relation) if v != value]
+    options = rng.sample(pool, rng.randint(1, 3))
+    position = rng.randrange(len(options) + 1)
+    options.insert(position, value)
+    listing = ", ".join(f"{i + 1} = {opt}" for i, opt in enumerate(options))
+    return f"{choice_head(kind, subject, relation)}: {listing} -> {position + 1}"
+
+
+def choice_head(kind: str, subject: str, relation: str) -> str:
+    """The opening of a "choose" record about (subject, relation), e.g. 'choose for "Ivo works as a ..."'."""
+    if kind == "person":
+        prefix = _PERSON_TEMPLATES[relation][0].split("{v}")[0].format(n=subject)
+    elif kind == "town":
+        prefix = _TOWN_TEMPLATES[relation][0].split("{v}")[0].format(t=subject)
+    else:
+        prefix = _COMMON_TEMPLATES[relation][0].split("{v}")[0].format(s=subject, S=subject.capitalize())
+    return f'choose for "{prefix.strip()} ..."'
+
+
+def _records_doc(rng: random.Random, world: World, choice_facts: list[tuple]) -> str:
+    kind = rng.randrange(6)
     if kind == 4:
         return _lookup_doc(rng)
+    if kind == 5:
+        return _choice_doc(rng, choice_facts) if choice_facts else _lookup_doc(rng)
     if kind == 0:
         rows = []
         for name in rng.sample(NAMES, rng.randint(1, 3)):
@@ -336,12 +383,18 @@ def iter_documents(
     world: World | None = None,
     exclude: Iterable[tuple] = (),
     mixture: dict[str, float] | None = None,
+    choice_facts: list[tuple] | None = None,
 ) -> Iterator[Document]:
     """Yield an endless, seeded stream of documents.
 
     `exclude`: word-problem keys (`Problem.key`) that must never be told (the tasks' items).
+    `choice_facts`: facts the "choose" records may use; default: the tasks' train facts.
     """
     world = world or World()
+    if choice_facts is None:
+        from perft.tiny.tasks import split_facts
+
+        choice_facts = split_facts(world)[0]
     exclude = frozenset(exclude)
     mixture = mixture or DEFAULT_MIXTURE
     unknown = set(mixture) - set(DOMAINS)
@@ -362,7 +415,7 @@ def iter_documents(
         elif domain == "sequences":
             text = _sequences_doc(rng, world)
         else:
-            text = _records_doc(rng, world)
+            text = _records_doc(rng, world, choice_facts)
         yield Document(domain, text, key)
 
 
@@ -372,7 +425,8 @@ def generate_corpus(
     world: World | None = None,
     exclude: Iterable[tuple] = (),
     mixture: dict[str, float] | None = None,
+    choice_facts: list[tuple] | None = None,
 ) -> list[Document]:
     """The first `num_docs` documents of `iter_documents(seed, ...)`."""
-    stream = iter_documents(seed, world, exclude, mixture)
+    stream = iter_documents(seed, world, exclude, mixture, choice_facts)
     return [next(stream) for _ in range(num_docs)]

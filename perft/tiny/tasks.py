@@ -197,7 +197,8 @@ def build_tasks(
 def check_no_leak(
     texts: Iterable[str], corpus_keys: Iterable[tuple | None], tasks: dict, seed: int = TASK_SEED
 ) -> None:
-    """Raise AssertionError if a task item or its format shows up in the pretraining text.
+    """Raise AssertionError if a task item or its format shows up in the pretraining text, or if a
+    "choose" record (fact -> numbered candidates) is about a fact that the test split asks about.
 
     texts: the corpus documents; corpus_keys: the word-problem keys the corpus told.
     """
@@ -212,10 +213,15 @@ def check_no_leak(
     for record in (r for t in tasks.values() for split in t.values() for r in split):
         if not any(m in record["instruction"] + record["output"] for m in markers):  # pragma: no cover
             raise AssertionError(f"task record without a format marker: {record['instruction'][:80]!r}")
+    from perft.tiny.corpus import choice_head
+
+    test_heads = {choice_head(*fact[:3]) + ":" for fact in split_facts(World(), seed)[1]}
     for text in texts:
         for marker in markers:
             if marker in text:
                 raise AssertionError(f"corpus text contains the task format marker {marker!r}: {text[:80]!r}")
+        if text.startswith("choose for") and text.split(":", 1)[0] + ":" in test_heads:
+            raise AssertionError(f"a choice record about a test fact is in the corpus: {text[:80]!r}")
 
 
 def write_task_files(directory: str | Path, seed: int = TASK_SEED) -> Path:
