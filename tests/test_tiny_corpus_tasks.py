@@ -152,3 +152,32 @@ def test_shipped_task_files_match_the_generators(tmp_path):
         for name in ("train.json", "test.json", "task.json"):
             shipped = json.loads((SHIPPED_TASKS / task / name).read_text())
             assert shipped == json.loads((written / task / name).read_text()), f"{task}/{name} is stale"
+
+
+def test_missing_assets_are_built_into_the_cache(tmp_path, monkeypatch):
+    import perft.tiny as tiny
+    import perft.tiny.pretrain as recipe
+
+    monkeypatch.setenv("PERFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny, "SHIPPED_TASKS", tmp_path / "missing-tasks")
+    monkeypatch.setattr(tiny, "SHIPPED_MODEL", tmp_path / "missing-model")
+    built = tiny.default_task_dir()
+    assert built == tmp_path / "cache" / "tasks" / "dataset"
+    assert json.loads((built / "tiny_math" / "test.json").read_text()) == build_tasks()["tiny_math"]["test"]
+
+    calls = []
+
+    def fake_pretrain(cfg):  # the real recipe takes minutes; check what it is asked to build
+        calls.append(cfg)
+        out = tmp_path / "cache" / "tiny-olmoe"
+        out.mkdir(parents=True)
+        for name in tiny.MODEL_FILES:
+            (out / name).write_text("{}")
+
+    monkeypatch.setattr(recipe, "pretrain", fake_pretrain)
+    path = tiny.default_base_model_path()
+    assert path == tmp_path / "cache" / "tiny-olmoe"
+    assert (
+        len(calls) == 1 and calls[0].output == str(path) and calls[0].steps == recipe.PretrainConfig().steps
+    )
+    assert tiny.default_base_model_path() == path and len(calls) == 1  # cached: built once
