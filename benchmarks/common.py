@@ -106,7 +106,11 @@ def small_model(*, quick: bool, backend: str = "grouped_mm") -> tuple[nn.Module,
     path = None if quick else installed_small_model()
     if path is not None:
         model = AutoModelForCausalLM.from_pretrained(str(path), experts_implementation=backend)
-        return model, f"embedded small model ({path})"
+        c = model.config
+        rel = os.path.relpath(str(path), os.getcwd()) if str(path).startswith(os.getcwd()) else str(path)
+        return model, (f"embedded small model {rel}: hidden {c.hidden_size}, {c.num_hidden_layers} layers, "
+                       f"{c.num_experts} experts top-{c.num_experts_per_tok}, expert width {c.intermediate_size}, "
+                       f"vocab {c.vocab_size}")
     if quick:
         sizes = dict(hidden_size=32, intermediate_size=32, num_hidden_layers=2, num_attention_heads=4,
                      num_experts=8, num_experts_per_tok=2, vocab_size=128)
@@ -197,15 +201,22 @@ def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = Non
 
     from perft import PerftConfig, get_perft_model
 
+    if "@" in name:  # METHOD@BACKEND: the method on the base run with another experts_implementation
+        inner, backend = name.split("@", 1)
+        previous = base.config._experts_implementation
+        base.config._experts_implementation = backend  # the copy below takes its own config
+        try:
+            method = build_method(inner, base, perft_r_params=perft_r_params, seed=seed)
+        finally:
+            base.config._experts_implementation = previous
+        method.name, method.note = name, f"{method.note}; experts backend {backend}"
+        return method
     model = share_weights_copy(base)
     for p in model.parameters():
         p.requires_grad_(False)
     torch.manual_seed(seed)
     if name == "base":
         return Method(name, model, 0, "frozen; gradients to the inputs only")
-    if name.startswith("base@"):  # the frozen base with another experts_implementation
-        model.config._experts_implementation = name.split("@", 1)[1]
-        return Method(name, model, 0, f"frozen, experts backend {name.split('@', 1)[1]}")
     if name in PERFT_SETTINGS or name == "loop-r" or name in EXTRA_METHODS:
         key = "perft-r" if name == "loop-r" else name.removesuffix("-auto")
         settings = PERFT_SETTINGS[key]

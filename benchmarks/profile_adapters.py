@@ -30,6 +30,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--rows", type=int, default=12)
+    p.add_argument("--step-methods", nargs="*", default=[],
+                   help="also profile one whole layer step (forward+backward) of these methods, e.g. lora-experts")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
     common.set_threads(args.threads)
@@ -66,6 +68,26 @@ def main(argv: list[str] | None = None) -> int:
         mm = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS)
         print(f"\n## {name} ({method.note}): {total / 1e3:.1f} ms self CPU, "
               f"{100 * mm / max(total, 1):.0f}% in matrix products")
+        print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
+    embeds, grad = x0.unsqueeze(0), gy.unsqueeze(0)
+    r_params = common.build_method("perft-r", base).trainable if args.step_methods else None
+    for name in args.step_methods:
+        method = common.build_method(name, base, perft_r_params=r_params)
+        model = method.model.train()
+        params = [q for q in model.parameters() if q.requires_grad]
+
+        def full_step(model=model, params=params) -> None:
+            x = embeds.detach().requires_grad_(True)
+            model(inputs_embeds=x, use_cache=False).last_hidden_state.backward(grad)
+            for q in params:
+                q.grad = None
+
+        full_step()  # warm-up
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            full_step()
+        averages = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in averages)
+        print(f"\n## whole layer step, {name} ({method.note}): {total / 1e3:.0f} ms self CPU")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0
 

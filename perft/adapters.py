@@ -90,7 +90,11 @@ class AdapterExperts(nn.Module):
         out_dtype = x.dtype
         if not isinstance(self.dropout, nn.Identity) and self.training:
             x = self.dropout(x.to(self.down.dtype))
-        y = _StackedExperts.apply(x, self.down.reshape(n * r, d), self.up_matrix(), weights, self.scaling, self.act, n, r)
+        args = (x, self.down.reshape(n * r, d), self.up_matrix(), weights, self.scaling, self.act, n, r)
+        if _wants_grad(x, self.down, self.up, weights):
+            y = _StackedExperts.apply(*args)
+        else:  # inference: the same products, without the autograd Function's bookkeeping
+            y = _stacked_products(*args)[0]
         return y.to(out_dtype)
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
@@ -125,9 +129,7 @@ class AdapterExperts(nn.Module):
     def prefers_selected(self, x: torch.Tensor, top_k: int) -> bool:
         """Whether `forward_selected` should serve these tokens: no gradient is wanted and the
         T*k selected experts are no more than the N stacked ones."""
-        if x.shape[0] * top_k > self.num_experts:
-            return False
-        return not (torch.is_grad_enabled() and (x.requires_grad or self.down.requires_grad or self.up.requires_grad))
+        return x.shape[0] * top_k <= self.num_experts and not _wants_grad(x, self.down, self.up)
 
     def up_matrix(self) -> torch.Tensor:
         """`up` as the [d, N*r] matrix of the second product: a view while `up` keeps its
@@ -165,9 +167,7 @@ class _StackedExperts(torch.autograd.Function):
                 scaling: float, act: Activation | None, n: int, r: int) -> torch.Tensor:
         ctx.device_type = x.device.type
         ctx.amp = _autocast_dtype(ctx.device_type)
-        h = F.linear(x.to(down.dtype), down)  # [T, N*r]
-        z = _weighted_middle(h, weights, scaling, act, n, r)
-        y = F.linear(z, up).to(x.dtype)
+        y, h = _stacked_products(x, down, up, weights, scaling, act, n, r)
         ctx.save_for_backward(x, down, up, h, weights)
         ctx.scaling, ctx.act, ctx.n, ctx.r = scaling, act, n, r
         return y
@@ -207,6 +207,19 @@ class _StackedExperts(torch.autograd.Function):
             if need_x:
                 g_x = gh.mm(down).to(x.dtype)
         return g_x, g_down, g_up, g_w, None, None, None, None
+
+
+def _stacked_products(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None,
+                      scaling: float, act: Activation | None, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The forward products of the stacked experts: (y in x's dtype, the [T, N*r] middle h)."""
+    h = F.linear(x.to(down.dtype), down)  # [T, N*r]
+    y = F.linear(_weighted_middle(h, weights, scaling, act, n, r), up).to(x.dtype)
+    return y, h
+
+
+def _wants_grad(*tensors: torch.Tensor | None) -> bool:
+    """Whether autograd will want gradients of any of these tensors."""
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def _weighted_middle(h: torch.Tensor, weights: torch.Tensor | None, scaling: float, act: Activation | None,
@@ -252,7 +265,7 @@ class _UpcastLinear(torch.autograd.Function):
 
 def upcast_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """`F.linear(x.to(weight.dtype), weight)` without keeping the upcast copy of x for backward."""
-    if x.dtype == weight.dtype or x.dim() != 2:
+    if x.dtype == weight.dtype or x.dim() != 2 or not _wants_grad(x, weight):
         return F.linear(x.to(weight.dtype), weight)
     return _UpcastLinear.apply(x, weight)
 
