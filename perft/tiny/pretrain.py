@@ -307,6 +307,7 @@ def _save_atomically(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(str(tmp))
+        tokenizer.backend_tokenizer.no_padding()  # evaluation padded batches; ship it as trained
         tokenizer.save_pretrained(str(tmp))
         (tmp / STATS_NAME).write_text(json.dumps(stats, indent=1) + "\n", encoding="utf-8")
         umask = os.umask(0)
