@@ -460,7 +460,7 @@ CASES: dict[str, Callable[[Env, Path], Case]] = {
     "analyze_seed_negative": lambda e, t: Case(analyze_argv(e, existing_output(t), "--seed", "-1"),
                                                "--seed must be in [0, 2**32 - 1], got -1", [t]),
     "analyze_data_nested_100k_deep": lambda e, t: analyze_data_case(e, t, DEEP,
-                                                                    "is not valid JSON (maximum recursion depth"),
+                                                                    "is not a usable JSON data file (maximum recursion depth"),
     "analyze_data_lone_surrogate": lambda e, t: analyze_data_case(e, t, '[{"instruction": "\\ud800"}]',
                                                                   "is not valid Unicode text"),
     "analyze_output_parent_is_a_file": lambda e, t: Case(analyze_argv(e, _write(t / "f", "x") / "out"),

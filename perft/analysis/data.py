@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 
+from perft.data.dataset import _encodable as encodable
+from perft.data.dataset import load_records as read_records
 from perft.data.prompts import build_prompt
 from perft.errors import PerftError
 
@@ -46,15 +48,12 @@ class AnalysisData:
 
 
 def load_records(path: str | Path) -> list[dict[str, Any]]:
-    """Read a JSON list of records with at least an `instruction` each."""
-    path = Path(path)
-    if not path.is_file():
-        raise PerftError(f"data file {path} does not exist")
-    try:
-        records = json.loads(path.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as err:  # bad UTF-8 or JSON, absurd numbers or nesting
-        raise PerftError(f"{path} is not valid JSON ({err})") from None
-    if not isinstance(records, list) or not records:
+    """Read LLM-Adapters records (any format `perft train` reads) with at least an `instruction` each.
+
+    Unlike training data, `output` is optional and extra fields are kept (for `split_by`).
+    """
+    records = read_records(path)
+    if not records:
         raise PerftError(f"{path} must hold a non-empty JSON list of records (instruction, input, output)")
     for i, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("instruction"), str):
@@ -64,17 +63,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
                 raise PerftError(f"{path}: record {i} field {key!r} must be text")
         for key in ("instruction", "input", "output"):
             text = record.get(key)
-            if isinstance(text, str) and not _encodable(text):
+            if isinstance(text, str) and not encodable(text):
                 raise PerftError(f"{path}: record {i} field {key!r} is not valid Unicode text (an unpaired surrogate)")
     return records
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def prepare_data(
