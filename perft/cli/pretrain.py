@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 
-from perft.tiny.pretrain import PretrainConfig
+from perft.tiny.pretrain_config import PretrainConfig
 
 _HELP = {
     "output": "directory to write the checkpoint to (replaced atomically)",

@@ -21,22 +21,20 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import OlmoeConfig, OlmoeForCausalLM, PreTrainedTokenizerFast
 
-from perft.errors import PerftError
 from perft.tiny.corpus import DOMAINS, Document, iter_documents
+from perft.tiny.pretrain_config import PRECISIONS, PretrainConfig  # noqa: F401  (re-exported)
 from perft.tiny.routing import routing_stats
 from perft.tiny.tasks import build_tasks, check_no_leak, problem_keys
 from perft.tiny.tokenizer import train_tokenizer
 from perft.tiny.world import World
 
 STATS_NAME = "pretrain.json"
-PRECISIONS = ("auto", "bf16", "fp32")
 
 
 def use_bf16(precision: str) -> bool:
@@ -47,62 +45,6 @@ def use_bf16(precision: str) -> bool:
     if precision == "auto":
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     return precision == "bf16"
-
-
-@dataclass
-class PretrainConfig:
-    """Everything that determines a pretraining run (and so its weights)."""
-
-    output: str = "tiny-olmoe"
-    seed: int = 0
-    steps: int = 800
-    batch_size: int = 16
-    seq_len: int = 256
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 60
-    weight_decay: float = 0.1
-    grad_clip: float = 1.0
-    hidden_size: int = 128
-    num_layers: int = 4
-    num_heads: int = 4
-    num_experts: int = 8
-    top_k: int = 2
-    intermediate_size: int = 128
-    router_aux_loss_coef: float = 0.01
-    vocab_size: int = 2048
-    tokenizer_docs: int = 30000
-    eval_docs_per_domain: int = 200
-    threads: int = 1
-    precision: str = "auto"
-    deterministic: bool = True
-    log_every: int = 50
-
-    def validate(self) -> None:
-        positive = (
-            "steps", "batch_size", "seq_len", "hidden_size", "num_layers", "num_heads", "num_experts",
-            "top_k", "intermediate_size", "vocab_size", "tokenizer_docs", "threads",
-        )  # fmt: skip
-        for name in positive:
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise PerftError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
-        if self.top_k > self.num_experts:
-            raise PerftError(f"--top-k {self.top_k} exceeds --num-experts {self.num_experts}: lower --top-k")
-        if self.hidden_size % self.num_heads:
-            raise PerftError(
-                f"--hidden-size {self.hidden_size} is not divisible by --num-heads {self.num_heads}: change either"
-            )
-        if (self.hidden_size // self.num_heads) % 2:
-            raise PerftError("the head size (hidden size / heads) must be even for rotary embeddings")
-        if not self.lr > 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise PerftError("--lr must be > 0 and --min-lr-ratio in [0, 1]")
-        if self.precision not in PRECISIONS:
-            raise PerftError(
-                f"--precision {self.precision!r} is unknown; choose one of: {', '.join(PRECISIONS)}"
-            )
-        if self.vocab_size < 300:
-            raise PerftError(f"--vocab-size {self.vocab_size} is too small for a byte-level BPE: use >= 300")
 
 
 def model_config(cfg: PretrainConfig, vocab_size: int, tokenizer: PreTrainedTokenizerFast) -> OlmoeConfig:
