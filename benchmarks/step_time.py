@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="what to benchmark (default: layer; with --quick: layer small)")
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32"])
     p.add_argument("--methods", nargs="+", default=list(ALL_METHODS),
-                   help=f"any of {', '.join(ALL_METHODS + EXTRA_METHODS)}, or base@BACKEND (the base with another "
-                        "experts backend)")
+                   help=f"any of {', '.join(ALL_METHODS + EXTRA_METHODS)}, each optionally as METHOD@BACKEND (run "
+                        "on the base with another experts backend, e.g. base@grouped_mm)")
     p.add_argument("--tokens", type=int, default=2048, help="tokens per step (layer: one sequence)")
     p.add_argument("--seq-len", type=int, default=256, help="small model: sequence length (batch = tokens / seq-len)")
     p.add_argument("--repeats", type=int, default=3)
@@ -57,7 +57,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, default=None, help="also write the raw results here")
     args = p.parse_args(argv)
     for name in args.methods:
-        if name not in ALL_METHODS + EXTRA_METHODS and not name.startswith("base@"):
+        if name.split("@", 1)[0] not in ALL_METHODS + EXTRA_METHODS:
             p.error(f"unknown method {name!r}")
     if args.target is None:
         args.target = ["layer", "small"] if args.quick else ["layer"]
