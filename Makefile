@@ -28,7 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check perft tests benchmarks
 
 bench: $(STAMP)
-	$(PY) benchmarks/step_time.py
+	$(PY) benchmarks/step_time.py --quick   # full runs: docs/benchmarks.md, "Reproduce"
 
 clean:
 	rm -rf $(VENV) build *.egg-info
