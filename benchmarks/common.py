@@ -16,6 +16,7 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
 import tempfile
 import time
 import types
@@ -357,3 +358,26 @@ def markdown_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
+
+
+def run_benchmark(script: str, title: str, args: Any, argv: list[str] | None,
+                  run_group: Callable[[str, str, Any], dict[str, Any]],
+                  render: Callable[[dict[str, Any]], str]) -> int:
+    """The shared driver of the benchmark scripts: every (target, dtype) group, printed and saved as JSON."""
+    set_threads(args.threads)
+    info = machine_info(args.threads)
+    command = f"python benchmarks/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+    print(f"# {title}  ({command})")
+    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
+    results = []
+    for target in args.target:
+        for dtype_name in args.dtype:
+            t0 = time.time()
+            result = run_group(target, dtype_name, args)
+            result["wall_s"] = time.time() - t0
+            results.append(result)
+            print("\n" + render(result) + f"(group wall time {result['wall_s']:.0f} s)", flush=True)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
+    return 0

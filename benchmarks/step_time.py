@@ -21,7 +21,6 @@ with random weights if it has not been built). Peak memory is measured in the wa
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from collections.abc import Callable
@@ -246,24 +245,7 @@ def render(result: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    common.set_threads(args.threads)
-    info = common.machine_info(args.threads)
-    command = "python benchmarks/step_time.py " + " ".join(sys.argv[1:] if argv is None else argv)
-    print(f"# step time  ({command})")
-    print("machine: " + ", ".join(f"{k} {v}" for k, v in info.items()), flush=True)
-    results = []
-    for target in args.target:
-        for dtype_name in args.dtype:
-            t0 = time.time()
-            result = run_group(target, dtype_name, args)
-            result["wall_s"] = time.time() - t0
-            results.append(result)
-            print("\n" + render(result) + f"(group wall time {result['wall_s']:.0f} s)", flush=True)
-    if args.json is not None:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
-    return 0
+    return common.run_benchmark("step_time.py", "step time", parse_args(argv), argv, run_group, render)
 
 
 if __name__ == "__main__":
