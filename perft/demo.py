@@ -162,23 +162,28 @@ def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- the demo
-def run_demo(cfg: DemoConfig) -> dict[str, Any]:
-    """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
+def _start(cfg: DemoConfig) -> tuple[Path, Path, Path, Any, dict[str, float]]:
+    """What every demo run begins with: threads, inputs, tokenizer, and the frozen base's scores."""
     import torch
 
     from perft.loading import load_base_model, load_tokenizer
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    out = Path(cfg.output)
-    started = time.perf_counter()
     base, tasks, train_file = prepare_inputs(cfg)
     print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
-
     tokenizer = load_tokenizer(str(base), padding_side="left")
-    t0 = time.perf_counter()
-    base_scores = evaluate(load_base_model(str(base), dtype="float32").eval(), tokenizer, tasks, out / "base" / "eval", cfg)
-    base_seconds = time.perf_counter() - t0
+    base_model = load_base_model(str(base), dtype="float32").eval()
+    base_scores = evaluate(base_model, tokenizer, tasks, Path(cfg.output) / "base" / "eval", cfg)
+    return base, tasks, train_file, tokenizer, base_scores
+
+
+def run_demo(cfg: DemoConfig) -> dict[str, Any]:
+    """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
+    out = Path(cfg.output)
+    started = time.perf_counter()
+    base, tasks, train_file, tokenizer, base_scores = _start(cfg)
+    base_seconds = time.perf_counter() - started
     tuned = run_method(DEFAULT_METHOD, base, tasks, train_file, out / "perft-r", cfg, cfg.seed)
 
     table = format_demo_table(base_scores, tuned, base_seconds)
@@ -268,16 +273,8 @@ def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapter: Path, out: Pa
 def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), results_file: str | None = None,
                      methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
     """The paper's comparison in miniature; writes a markdown table (mean ± spread over seeds)."""
-    import torch
-
-    from perft.loading import load_base_model, load_tokenizer
-
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
     out = Path(cfg.output)
-    base, tasks, train_file = prepare_inputs(cfg)
-    tokenizer = load_tokenizer(str(base), padding_side="left")
-    base_scores = evaluate(load_base_model(str(base), dtype="float32").eval(), tokenizer, tasks, out / "base" / "eval", cfg)
+    base, tasks, train_file, _, base_scores = _start(cfg)
     results: list[MethodResult] = []
     for method in methods:
         for seed in seeds:
