@@ -50,7 +50,7 @@ class DemoConfig:
     base_model: str | None = None  # default: the embedded tiny OLMoE
     task_dir: str | None = None  # default: the shipped suites
     seed: int = 0
-    epochs: float = 2.0
+    epochs: float = 3.0
     lr: float = 2e-3
     batch_size: int = 16
     cutoff_len: int = 128

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from perft.evaluation.extraction import extract_choice
 from perft.tiny import SHIPPED_TASKS, default_task_dir
 from perft.tiny.corpus import DOMAINS, Document, choice_head, generate_corpus, tell_problem
 from perft.tiny.tasks import (
@@ -99,37 +100,33 @@ def test_tasks_are_deterministic_and_sized(tasks):
 def test_records_are_well_formed(tasks):
     for task in TASKS:
         for record in tasks[task]["train"] + tasks[task]["test"]:
-            assert set(record) == {"instruction", "input", "output", "answer"}
-            assert all(isinstance(v, str) for v in record.values())
+            text_fields = {"instruction", "input", "output", "answer"}
+            assert set(record) == (text_fields | {"choices"} if task == "tiny_commonsense" else text_fields)
+            assert all(isinstance(record[k], str) for k in text_fields)
             assert record["instruction"] and record["output"] and record["answer"]
 
 
 def test_multiple_choice_answers_match_the_world(tasks):
     world = World()
-    values = {v for p in world.people.values() for v in p.values()}
-    values |= {v for t in world.towns.values() for v in t.values()}
     info = task_info("tiny_commonsense")
     words = info["answer_words"]
-    assert len(words) == NUM_OPTIONS
+    assert len(words) == len(set(words)) > 50
     train_facts, test_facts = split_facts(world)
     assert not {f[1:3] for f in train_facts} & {f[1:3] for f in test_facts}
     test_subjects = {(f[1], f[3]) for f in test_facts}
-    counts = dict.fromkeys(words, 0)
+    positions = [0] * NUM_OPTIONS
     for record in tasks["tiny_commonsense"]["test"]:
-        ins = record["instruction"]
-        assert ins.endswith("Answer format: " + "/".join(words))
-        assert record["output"] == f"the correct answer is {record['answer']}"
-        assert record["answer"] in words
-        counts[record["answer"]] += 1
-        options = re.findall(r"Answer(\d): (.+?)\.(?= Answer\d|\n)", ins)
-        assert [int(i) for i, _ in options] == list(range(1, NUM_OPTIONS + 1))
-        texts = [t for _, t in options]
-        assert len(set(texts)) == NUM_OPTIONS
-        correct = texts[int(record["answer"][-1]) - 1]
+        ins, options, answer = record["instruction"], record["choices"], record["answer"]
+        assert ins.endswith(f"Options: {', '.join(options)}.\n\nAnswer format: one of the options")
+        assert record["output"] == f"the correct answer is {answer}"
+        assert len(set(options)) == NUM_OPTIONS and set(options) <= set(words) and answer in options
+        positions[options.index(answer)] += 1
         # The correct option is the value of a test fact about a subject named in the question.
-        assert any(s in ins and v == correct for s, v in test_subjects)
-        assert correct in values or any(v == correct for _, v in test_subjects)
-    assert len(set(counts.values())) == 1  # every answer word is right equally often
+        assert any(s in ins and v == answer for s, v in test_subjects)
+        # The paper's rule (first answer word in the response) reads every option back as itself.
+        for option in options:
+            assert extract_choice(f"the correct answer is {option}", words) == option
+    assert len(set(positions)) == 1  # every option position is right equally often
 
 
 def test_math_outputs_are_correct(tasks):

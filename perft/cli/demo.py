@@ -17,7 +17,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument("--output", default="runs/demo", help="where runs, tables and figures go")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 2)")
+    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 3)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop training after N optimiser steps")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate only the first N per task")

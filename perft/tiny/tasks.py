@@ -1,10 +1,12 @@
 """The shipped downstream suites, in the LLM-Adapters layout.
 
-- `tiny_commonsense`: multiple-choice questions about facts of `perft.tiny.world`, in the
-  style of LLM-Adapters' SIQA/ARC items ("Please choose the correct answer to the question:
-  ... Answer1: ... Answer format: answer1/answer2/answer3", output "the correct answer is
-  answer2"). Train and test ask about disjoint facts, so a fine-tuned model must use what the
-  base model learnt in pretraining, not memorise answers.
+- `tiny_commonsense`: three-way multiple-choice questions about facts of `perft.tiny.world`
+  in the style of LLM-Adapters' commonsense items ("Please choose the correct answer to the
+  question: ... Options: a, b, c. ... Answer format: one of the options", output "the correct
+  answer is b"). The answer is the option's text, not its number: picking the number of the
+  option that matches a recalled fact is an in-context skill a 4-layer base does not have
+  (docs/tiny-model.md). Train and test ask about disjoint facts, so a fine-tuned model must
+  use what the base model learnt in pretraining, not memorise answers.
 - `tiny_math`: small-number arithmetic word problems (add, subtract, multiply, two steps)
   with a short worked solution ending in "The answer is N"; `answer` is the number.
 
@@ -50,12 +52,14 @@ _MC_QUESTIONS = {
 def task_info(task: str) -> dict[str, Any]:
     """How to score a task: `kind` (multiple_choice or arithmetic) and, for MC, its answer words."""
     if task == "tiny_commonsense":
-        words = [f"answer{i + 1}" for i in range(NUM_OPTIONS)]
+        # Every value a question can have; each record also lists its own three "choices",
+        # which the log-likelihood protocol scores.
         return {
             "task": task,
             "kind": "multiple_choice",
-            "answer_words": words,
+            "answer_words": answer_values(),
             "prefill": "the correct answer is",
+            "max_new_tokens": 8,
         }
     if task == "tiny_math":
         return {"task": task, "kind": "arithmetic", "answer_pattern": r"-?\d+\.?\d*"}
@@ -63,6 +67,11 @@ def task_info(task: str) -> dict[str, Any]:
 
 
 # ---------------------------------------------------------------------------- commonsense
+def answer_values() -> list[str]:
+    """Every value of every relation the multiple-choice questions ask about, sorted."""
+    return sorted({v for kind, relation in _MC_QUESTIONS for v in relation_values(kind, relation)})
+
+
 def split_facts(world: World, seed: int = TASK_SEED) -> tuple[list[tuple], list[tuple]]:
     """Split the world's facts into (train facts, test facts), disjoint, stratified by kind."""
     rng = random.Random(f"facts-{seed}")
@@ -78,33 +87,32 @@ def split_facts(world: World, seed: int = TASK_SEED) -> tuple[list[tuple], list[
 
 def mc_record(
     rng: random.Random, fact: tuple, position: int, num_options: int = NUM_OPTIONS
-) -> dict[str, str]:
+) -> dict[str, Any]:
     """One multiple-choice record about `fact` = (kind, subject, relation, value), correct at `position`."""
     kind, subject, relation, value = fact
     pool = [v for v in relation_values(kind, relation) if v != value]
     options = rng.sample(pool, num_options - 1)
     options.insert(position, value)
     question = rng.choice(_MC_QUESTIONS[(kind, relation)]).format(s=subject)
-    listed = " ".join(f"Answer{i + 1}: {opt}." for i, opt in enumerate(options))
-    words = "/".join(f"answer{i + 1}" for i in range(num_options))
     instruction = (
-        f"Please choose the correct answer to the question: {question}\n\n{listed}\n\nAnswer format: {words}"
+        f"Please choose the correct answer to the question: {question}\n\n"
+        f"Options: {', '.join(options)}.\n\nAnswer format: one of the options"
     )
-    answer = f"answer{position + 1}"
     return {
         "instruction": instruction,
         "input": "",
-        "output": f"the correct answer is {answer}",
-        "answer": answer,
+        "output": f"the correct answer is {value}",
+        "answer": value,
+        "choices": options,
     }
 
 
-def commonsense_split(world: World, split: str, size: int, seed: int = TASK_SEED) -> list[dict[str, str]]:
+def commonsense_split(world: World, split: str, size: int, seed: int = TASK_SEED) -> list[dict[str, Any]]:
     train_facts, test_facts = split_facts(world, seed)
     facts = train_facts if split == "train" else test_facts
     rng = random.Random(f"mc-{split}-{seed}")
     # Cycle through the facts in shuffled rounds so every fact is asked about evenly.
-    records: list[dict[str, str]] = []
+    records: list[dict[str, Any]] = []
     seen: set[str] = set()
     deck: list[int] = []
     while len(records) < size:
