@@ -1,7 +1,8 @@
 """`perft demo`: PERFT end to end on the embedded tiny OLMoE, on a CPU, in minutes.
 
-Evaluates the frozen base on the shipped suites, fine-tunes PERFT-R, evaluates again and
-prints the comparison; `--all-variants` runs the paper's comparison in miniature (PERFT-R
+Evaluates the frozen base on the shipped suites, fine-tunes PERFT-R on each suite's train
+split (one adapter per suite, as the paper trains one on Commonsense170K and one on
+Math50K), evaluates each on its suite's test split and prints the comparison; `--all-variants` runs the paper's comparison in miniature (PERFT-R
 at several N/K, PERFT-E, PERFT-D, PERFT-S and LoRA on attention through PEFT, at similar
 trainable budgets, over several seeds) and writes it as a markdown table.
 """
@@ -54,7 +55,7 @@ class DemoConfig:
     lr: float = 2e-3
     batch_size: int = 16
     cutoff_len: int = 128
-    val_set_size: int = 200
+    val_set_size: int = 100  # per suite
     eval_batch_size: int = 48
     max_eval_samples: int | None = None
     max_steps: int | None = None
@@ -68,42 +69,40 @@ class MethodResult:
     method: str
     seed: int
     accuracy: dict[str, float]  # per task, plus "average"
-    trainable: int
+    trainable: int  # of one adapter (each suite gets its own)
     total: int
     seconds: float
-    adapter_dir: str | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
+    adapter_dirs: dict[str, str] = field(default_factory=dict)  # per task
+    history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per task
 
 
 # ---------------------------------------------------------------------------- pieces
-def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path, Path]:
-    """(base model dir, task dir, mixed training file): the union of both suites' train splits."""
+def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
+    """(base model dir, task dir holding <task>/{train,test}.json for every demo task)."""
     from perft.tiny import default_base_model_path, default_task_dir
 
-    output = Path(cfg.output)
     base = Path(cfg.base_model) if cfg.base_model else default_base_model_path()
     tasks = Path(cfg.task_dir) if cfg.task_dir else default_task_dir()
     for task in DEMO_TASKS:
-        if not (tasks / task / "train.json").is_file():
-            raise PerftError(f"{tasks / task / 'train.json'} is missing: the demo needs both suites' train and test splits")
-    records: list[dict[str, Any]] = []
-    for task in DEMO_TASKS:
-        records.extend(json.loads((tasks / task / "train.json").read_text(encoding="utf-8")))
-    train_file = output / "data" / "train.json"
-    atomic_write_text(train_file, json.dumps(records, ensure_ascii=False) + "\n")
-    return base, tasks, train_file
+        for split in ("train", "test"):
+            if not (tasks / task / f"{split}.json").is_file():
+                raise PerftError(f"{tasks / task / f'{split}.json'} is missing: the demo needs both suites' "
+                                 "train and test splits")
+    return base, tasks
 
 
-def evaluate(model: Any, tokenizer: Any, task_dir: Path, output: Path, cfg: DemoConfig) -> dict[str, float]:
-    """Greedy generation with the paper's prompts and answer extraction; accuracy per task and average."""
+def evaluate(model: Any, tokenizer: Any, task_dir: Path, output: Path, cfg: DemoConfig,
+             tasks: tuple[str, ...] = DEMO_TASKS) -> dict[str, float]:
+    """Greedy generation with the paper's prompts and answer extraction; accuracy per task (and average)."""
     from perft.evaluation.generation import DecodingSettings
     from perft.evaluation.runner import EvalSettings, Evaluation, prepare_tasks
 
-    tasks = prepare_tasks(DEMO_TASKS, task_dir, max_samples=cfg.max_eval_samples)
+    prepared = prepare_tasks(tasks, task_dir, max_samples=cfg.max_eval_samples)
     settings = EvalSettings(protocol="generate", decoding=DecodingSettings(greedy=True), batch_size=cfg.eval_batch_size)
-    summary = Evaluation(tasks, output, settings).run(model, tokenizer, progress=cfg.progress)
+    summary = Evaluation(prepared, output, settings).run(model, tokenizer, progress=cfg.progress)
     scores = {name: entry["accuracy"] for name, entry in summary["tasks"].items()}
-    scores["average"] = summary["average"]["accuracy"]
+    if len(tasks) > 1:
+        scores["average"] = summary["average"]["accuracy"]
     return scores
 
 
@@ -122,21 +121,25 @@ def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg
     return train(TrainingConfig.from_dict(settings, source=f"demo method {method.name}"))
 
 
-def run_method(method: Method, base: Path, tasks: Path, train_file: Path, out: Path, cfg: DemoConfig,
-               seed: int) -> MethodResult:
-    """Fine-tune one method with one seed and evaluate its adapter."""
+def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConfig, seed: int) -> MethodResult:
+    """Fine-tune one method with one seed on each suite's train split; evaluate each adapter on its suite."""
     from perft.loading import load_tokenizer
 
     start = time.perf_counter()
-    result = train_method(method, base, train_file, out / "train", cfg, seed)
-    if result.adapter_dir is None:
-        raise PerftError(f"training {method.name} ended without an adapter ({result.status})")
     tokenizer = load_tokenizer(str(base), padding_side="left")
-    model = _load_adapted(base, Path(result.adapter_dir), method)
-    trainable, total = _count_parameters(model, method)
-    scores = evaluate(model, tokenizer, tasks, out / "eval", cfg)
-    return MethodResult(method.name, seed, scores, trainable, total, time.perf_counter() - start,
-                        str(result.adapter_dir), list(result.history))
+    scores: dict[str, float] = {}
+    adapters: dict[str, str] = {}
+    histories: dict[str, list[dict[str, Any]]] = {}
+    for task in DEMO_TASKS:
+        result = train_method(method, base, tasks / task / "train.json", out / task, cfg, seed)
+        if result.adapter_dir is None:
+            raise PerftError(f"training {method.name} on {task} ended without an adapter ({result.status})")
+        model = _load_adapted(base, Path(result.adapter_dir), method)
+        trainable, total = _count_parameters(model, method)
+        scores.update(evaluate(model, tokenizer, tasks, out / task / "eval", cfg, tasks=(task,)))
+        adapters[task], histories[task] = str(result.adapter_dir), list(result.history)
+    scores["average"] = statistics.mean(scores[task] for task in DEMO_TASKS)
+    return MethodResult(method.name, seed, scores, trainable, total, time.perf_counter() - start, adapters, histories)
 
 
 def _load_adapted(base: Path, adapter: Path, method: Method) -> Any:
@@ -162,7 +165,7 @@ def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- the demo
-def _start(cfg: DemoConfig) -> tuple[Path, Path, Path, Any, dict[str, float]]:
+def _start(cfg: DemoConfig) -> tuple[Path, Path, Any, dict[str, float]]:
     """What every demo run begins with: threads, inputs, tokenizer, and the frozen base's scores."""
     import torch
 
@@ -170,26 +173,26 @@ def _start(cfg: DemoConfig) -> tuple[Path, Path, Path, Any, dict[str, float]]:
 
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
-    base, tasks, train_file = prepare_inputs(cfg)
+    base, tasks = prepare_inputs(cfg)
     print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
     tokenizer = load_tokenizer(str(base), padding_side="left")
     base_model = load_base_model(str(base), dtype="float32").eval()
     base_scores = evaluate(base_model, tokenizer, tasks, Path(cfg.output) / "base" / "eval", cfg)
-    return base, tasks, train_file, tokenizer, base_scores
+    return base, tasks, tokenizer, base_scores
 
 
 def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
     out = Path(cfg.output)
     started = time.perf_counter()
-    base, tasks, train_file, tokenizer, base_scores = _start(cfg)
+    base, tasks, tokenizer, base_scores = _start(cfg)
     base_seconds = time.perf_counter() - started
-    tuned = run_method(DEFAULT_METHOD, base, tasks, train_file, out / "perft-r", cfg, cfg.seed)
+    tuned = run_method(DEFAULT_METHOD, base, tasks, out / "perft-r", cfg, cfg.seed)
 
     table = format_demo_table(base_scores, tuned, base_seconds)
     print("\n" + table)
     figures = {"loss_curve": plot_loss_curve(tuned.history, out / "loss_curve.png")}
-    figures["routing"] = plot_routing(base, tokenizer, tasks, Path(tuned.adapter_dir or ""), out, cfg)
+    figures["routing"] = plot_routing(base, tokenizer, tasks, tuned.adapter_dirs, out, cfg)
     summary = {
         "base": base_scores,
         "perft_r": tuned.accuracy,
@@ -198,46 +201,52 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
         "total_params": tuned.total,
         "train_and_eval_seconds": round(tuned.seconds, 1),
         "total_seconds": round(time.perf_counter() - started, 1),
-        "adapter": tuned.adapter_dir,
+        "adapters": tuned.adapter_dirs,
         "figures": {k: str(v) for k, v in figures.items() if v},
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2) + "\n")
     atomic_write_text(out / "table.txt", table + "\n")
     for name, path in summary["figures"].items():
         print(f"perft demo: {name.replace('_', ' ')} -> {path}")
-    print(f"perft demo: done in {summary['total_seconds']:.0f} s; adapter in {tuned.adapter_dir}")
+    where = ", ".join(f"{task}: {path}" for task, path in tuned.adapter_dirs.items())
+    print(f"perft demo: done in {summary['total_seconds']:.0f} s; adapters in {where}")
     return summary
 
 
 def format_demo_table(base: dict[str, float], tuned: MethodResult, base_seconds: float) -> str:
     header = f"{'task':<18} {'base':>8} {'PERFT-R':>9}"
-    lines = [f"accuracy in % (greedy generation, the paper's prompts and answer extraction); {tuned.method}",
+    lines = [f"accuracy in % (greedy generation, the paper's prompts and answer extraction); "
+             f"{tuned.method}, one adapter per suite",
              header, "-" * len(header)]
     for task in (*DEMO_TASKS, "average"):
         lines.append(f"{task:<18} {100 * base[task]:>8.1f} {100 * tuned.accuracy[task]:>9.1f}")
     lines.append("-" * len(header))
     lines.append(f"trainable parameters: {tuned.trainable:,d} of {tuned.total:,d} "
-                 f"({100 * tuned.trainable / tuned.total:.2f}%)")
+                 f"({100 * tuned.trainable / tuned.total:.2f}%) per adapter")
     lines.append(f"time: base evaluation {base_seconds:.0f} s, PERFT-R training + evaluation {tuned.seconds:.0f} s")
     return "\n".join(lines)
 
 
-def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
-    """Training and validation loss over optimiser steps."""
+def plot_loss_curve(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path | None:
+    """Training and validation loss over optimiser steps, one pair of curves per suite."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    train = [(h["step"], h["loss"]) for h in history if "loss" in h and "lr" in h]
-    val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
-    if not train and not val:
-        return None
     fig, ax = plt.subplots(figsize=(6, 3.6), dpi=110)
-    if train:
-        ax.plot(*zip(*train), label="train loss", lw=1.2)
-    if val:
-        ax.plot(*zip(*val), "o-", label="validation loss", lw=1.5)
+    drawn = False
+    for i, (task, history) in enumerate(histories.items()):
+        train = [(h["step"], h["loss"]) for h in history if "loss" in h and "lr" in h]
+        val = [(h["step"], h["val_loss"]) for h in history if "val_loss" in h]
+        if train:
+            ax.plot(*zip(*train), color=f"C{i}", label=f"{task}: train", lw=1.0, alpha=0.7)
+        if val:
+            ax.plot(*zip(*val), "o-", color=f"C{i}", label=f"{task}: validation", lw=1.5)
+        drawn = drawn or bool(train or val)
+    if not drawn:
+        plt.close(fig)
+        return None
     ax.set_xlabel("optimiser step")
     ax.set_ylabel("cross-entropy (nats/token)")
     ax.set_title("PERFT-R on the embedded tiny OLMoE")
@@ -250,23 +259,29 @@ def plot_loss_curve(history: list[dict[str, Any]], path: Path) -> Path | None:
     return path
 
 
-def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapter: Path, out: Path, cfg: DemoConfig) -> Path | None:
-    """Adapter- and base-expert utilisation per layer on the test prompts of both suites."""
+def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapters: dict[str, str], out: Path,
+                 cfg: DemoConfig) -> Path | None:
+    """Adapter- and base-expert utilisation per layer: each suite's adapter on that suite's test prompts."""
     from perft.analysis.pipeline import AnalysisOptions, analyze
     from perft.analysis.plots import plot_utilisation
     from perft.loading import load_base_model
 
-    records = []
-    for task in DEMO_TASKS:
-        for record in json.loads((tasks / task / "test.json").read_text(encoding="utf-8"))[:120]:
-            records.append({**record, "task": task})
-    data = out / "data" / "routing.json"
-    atomic_write_text(data, json.dumps(records, ensure_ascii=False) + "\n")
     model = load_base_model(str(base), dtype="float32").eval()
-    options = AnalysisOptions(split_by="task", projection=None, batch_size=32, progress=cfg.progress)
-    result = analyze(model, tokenizer, data, [adapter], options, model_name=str(base))
-    atomic_write_text(out / "routing.json", json.dumps(result, indent=1, default=str) + "\n")
-    return plot_utilisation(result, out / "routing.png")
+    options = AnalysisOptions(projection=None, batch_size=32, progress=cfg.progress)
+    merged: dict[str, Any] = {}
+    for task, adapter in adapters.items():
+        data = out / "data" / f"routing-{task}.json"
+        records = json.loads((tasks / task / "test.json").read_text(encoding="utf-8"))[:120]
+        atomic_write_text(data, json.dumps(records, ensure_ascii=False) + "\n")
+        result = analyze(model, tokenizer, data, [adapter], options, model_name=str(base))
+        for run in result["runs"]:
+            run["name"] = f"PERFT-R on {task}"
+        if merged:
+            merged["runs"].extend(result["runs"])
+        else:
+            merged = result
+    atomic_write_text(out / "routing.json", json.dumps(merged, indent=1, default=str) + "\n")
+    return plot_utilisation(merged, out / "routing.png")
 
 
 # ---------------------------------------------------------------------------- all variants
@@ -274,14 +289,14 @@ def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), result
                      methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
     """The paper's comparison in miniature; writes a markdown table (mean ± spread over seeds)."""
     out = Path(cfg.output)
-    base, tasks, train_file, _, base_scores = _start(cfg)
+    base, tasks, _, base_scores = _start(cfg)
     results: list[MethodResult] = []
     for method in methods:
         for seed in seeds:
             slug = method.name.split(" (")[0].replace(" ", "").replace(",", "").lower()
             run_dir = out / f"{slug}-{len(results) // len(seeds)}-seed{seed}"
             print(f"perft demo --all-variants: {method.name}, seed {seed}")
-            results.append(run_method(method, base, tasks, train_file, run_dir, cfg, seed))
+            results.append(run_method(method, base, tasks, run_dir, cfg, seed))
             atomic_write_text(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1, default=str))
     table = format_results_markdown(base_scores, results, cfg, seeds)
     print("\n" + table)
@@ -298,8 +313,9 @@ def format_results_markdown(base: dict[str, float], results: list[MethodResult],
         "",
         f"Regenerate with `{regenerate_command(cfg, seeds)}` "
         f"(seeds {', '.join(map(str, seeds))}; {_budget(cfg)}, lr {cfg.lr:g}, batch {cfg.batch_size}, "
-        "fine-tuned on the union of both suites' train splits; greedy generation, the paper's prompts "
-        "and answer extraction). Accuracy in %, mean ± standard deviation over seeds.",
+        "one adapter per suite, fine-tuned on that suite's train split; greedy generation, the paper's "
+        "prompts and answer extraction). Accuracy in %, mean ± standard deviation over seeds; trainable "
+        "parameters of one adapter; time is training plus evaluation of both adapters.",
         "",
         "| method | trainable params | trainable % | " + " | ".join(columns) + " | train+eval s |",
         "|---|---:|---:|" + "---:|" * len(columns) + "---:|",

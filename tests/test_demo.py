@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from perft.demo import DEMO_TASKS, DemoConfig, Method, run_all_variants, run_demo
+from perft.demo import DEMO_TASKS, DemoConfig, Method, plot_loss_curve, run_all_variants, run_demo
 from perft.errors import PerftError
 from perft.testing import save_tiny_model, save_tiny_tokenizer
 
@@ -52,7 +52,14 @@ def test_demo_end_to_end(setup, tmp_path):
     assert 0 < summary["trainable_params"] < summary["total_params"]
     table = (out / "table.txt").read_text()
     assert "PERFT-R" in table and "tiny_math" in table and "trainable parameters" in table
-    assert (out / "perft-r" / "train" / "adapter" / "adapter_model.safetensors").is_file()
+    # One adapter per suite, each trained on its own train split (as the paper trains one per dataset).
+    for task in DEMO_TASKS:
+        adapter = out / "perft-r" / task / "adapter"
+        assert summary["adapters"][task] == str(adapter)
+        assert (adapter / "adapter_model.safetensors").is_file()
+        assert (out / "perft-r" / task / "eval" / f"{task}.jsonl").is_file()
+    routing = json.loads((out / "routing.json").read_text())
+    assert [run["name"] for run in routing["runs"]] == [f"PERFT-R on {task}" for task in DEMO_TASKS]
 
 
 def test_all_variants_writes_the_markdown_table(setup, tmp_path):
@@ -72,3 +79,11 @@ def test_missing_task_files_are_named(setup, tmp_path):
     cfg.task_dir = str(tmp_path / "nowhere")
     with pytest.raises(PerftError, match="tiny_commonsense/train.json is missing"):
         run_demo(cfg)
+
+
+def test_loss_curve_draws_each_suite_and_skips_empty_histories(tmp_path):
+    history = [{"step": 1, "loss": 2.0, "lr": 1e-3}, {"step": 2, "loss": 1.5, "lr": 1e-3}, {"step": 2, "val_loss": 1.6}]
+    assert plot_loss_curve({"a": history, "b": history[:1]}, tmp_path / "curve.png") == tmp_path / "curve.png"
+    assert (tmp_path / "curve.png").stat().st_size > 0
+    assert plot_loss_curve({"a": [], "b": []}, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
