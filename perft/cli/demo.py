@@ -11,15 +11,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
         help="fine-tune PERFT-R on the embedded tiny MoE and compare it with the frozen base",
-        description="Evaluate the frozen embedded tiny OLMoE on the shipped suites, fine-tune PERFT-R, "
-        "evaluate again, print the table and write a loss curve and a routing picture. "
+        description="Evaluate the frozen embedded tiny OLMoE on the shipped suites, fine-tune one PERFT-R "
+        "adapter per suite, evaluate each on its suite, print the table and write a loss curve and a "
+        "routing picture. "
         "--all-variants runs the paper's comparison in miniature over several seeds.",
     )
     parser.add_argument("--output", default="runs/demo", help="where runs, tables and figures go")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--epochs", type=float, default=None, help="training epochs (default 3)")
+    parser.add_argument("--epochs", type=float, default=None, help="training epochs per suite (default 3)")
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
-    parser.add_argument("--max-steps", type=int, default=None, help="stop training after N optimiser steps")
+    parser.add_argument("--max-steps", type=int, default=None, help="stop each suite's training after N optimiser steps")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate only the first N per task")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--all-variants", action="store_true", help="PERFT-R/E/D/S and LoRA, each over --seeds")
