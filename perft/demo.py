@@ -39,7 +39,7 @@ ALL_METHODS = (
     Method("PERFT-E (8 base experts, r4)", {"variant": "embedded", "rank": 4}),
     Method("PERFT-D (4 experts, r8)", {"variant": "dense", "num_experts": 4, "rank": 8}),
     Method("PERFT-S (r32)", {"variant": "single", "rank": 32}),
-    Method("LoRA q,v (PEFT, r32)", {"method": "lora-attn", "rank": 32}),
+    Method("LoRA q,v (PEFT, r16)", {"method": "lora-attn", "rank": 16}),
 )
 
 
