@@ -2,9 +2,10 @@
 
 Evaluates the frozen base on the shipped suites, fine-tunes PERFT-R on each suite's train
 split (one adapter per suite, as the paper trains one on Commonsense170K and one on
-Math50K), evaluates each on its suite's test split and prints the comparison; `--all-variants` runs the paper's comparison in miniature (PERFT-R
-at several N/K, PERFT-E, PERFT-D, PERFT-S and LoRA on attention through PEFT, at similar
-trainable budgets, over several seeds) and writes it as a markdown table.
+Math50K), evaluates each on its suite's test split and prints the comparison;
+`--all-variants` runs the paper's comparison in miniature (PERFT-R at several N/K, PERFT-E,
+PERFT-D, PERFT-S and LoRA on attention through PEFT, at similar trainable budgets, over
+several seeds) and writes it as a markdown table.
 """
 
 from __future__ import annotations
@@ -93,17 +94,19 @@ def prepare_inputs(cfg: DemoConfig) -> tuple[Path, Path]:
 
 def evaluate(model: Any, tokenizer: Any, task_dir: Path, output: Path, cfg: DemoConfig,
              tasks: tuple[str, ...] = DEMO_TASKS) -> dict[str, float]:
-    """Greedy generation with the paper's prompts and answer extraction; accuracy per task (and average)."""
+    """Greedy generation with the paper's prompts and answer extraction; accuracy per task."""
     from perft.evaluation.generation import DecodingSettings
     from perft.evaluation.runner import EvalSettings, Evaluation, prepare_tasks
 
     prepared = prepare_tasks(tasks, task_dir, max_samples=cfg.max_eval_samples)
     settings = EvalSettings(protocol="generate", decoding=DecodingSettings(greedy=True), batch_size=cfg.eval_batch_size)
     summary = Evaluation(prepared, output, settings).run(model, tokenizer, progress=cfg.progress)
-    scores = {name: entry["accuracy"] for name, entry in summary["tasks"].items()}
-    if len(tasks) > 1:
-        scores["average"] = summary["average"]["accuracy"]
-    return scores
+    return {name: entry["accuracy"] for name, entry in summary["tasks"].items()}
+
+
+def with_average(scores: dict[str, float]) -> dict[str, float]:
+    """`scores` plus "average": the unweighted mean over the demo's tasks (as `perft eval` averages)."""
+    return {**scores, "average": statistics.mean(scores[task] for task in DEMO_TASKS)}
 
 
 def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
@@ -138,8 +141,8 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
         trainable, total = _count_parameters(model, method)
         scores.update(evaluate(model, tokenizer, tasks, out / task / "eval", cfg, tasks=(task,)))
         adapters[task], histories[task] = str(result.adapter_dir), list(result.history)
-    scores["average"] = statistics.mean(scores[task] for task in DEMO_TASKS)
-    return MethodResult(method.name, seed, scores, trainable, total, time.perf_counter() - start, adapters, histories)
+    return MethodResult(method.name, seed, with_average(scores), trainable, total, time.perf_counter() - start,
+                        adapters, histories)
 
 
 def _load_adapted(base: Path, adapter: Path, method: Method) -> Any:
@@ -177,7 +180,7 @@ def _start(cfg: DemoConfig) -> tuple[Path, Path, Any, dict[str, float]]:
     print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
     tokenizer = load_tokenizer(str(base), padding_side="left")
     base_model = load_base_model(str(base), dtype="float32").eval()
-    base_scores = evaluate(base_model, tokenizer, tasks, Path(cfg.output) / "base" / "eval", cfg)
+    base_scores = with_average(evaluate(base_model, tokenizer, tasks, Path(cfg.output) / "base" / "eval", cfg))
     return base, tasks, tokenizer, base_scores
 
 
@@ -261,27 +264,26 @@ def plot_loss_curve(histories: dict[str, list[dict[str, Any]]], path: Path) -> P
 
 def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapters: dict[str, str], out: Path,
                  cfg: DemoConfig) -> Path | None:
-    """Adapter- and base-expert utilisation per layer: each suite's adapter on that suite's test prompts."""
+    """Adapter- and base-expert utilisation per layer: each suite's adapter on that suite's test prompts.
+
+    routing.json holds one whole analysis per suite; the figure puts their runs side by side.
+    """
     from perft.analysis.pipeline import AnalysisOptions, analyze
     from perft.analysis.plots import plot_utilisation
     from perft.loading import load_base_model
 
     model = load_base_model(str(base), dtype="float32").eval()
     options = AnalysisOptions(projection=None, batch_size=32, progress=cfg.progress)
-    merged: dict[str, Any] = {}
+    results: dict[str, Any] = {}
     for task, adapter in adapters.items():
         data = out / "data" / f"routing-{task}.json"
         records = json.loads((tasks / task / "test.json").read_text(encoding="utf-8"))[:120]
         atomic_write_text(data, json.dumps(records, ensure_ascii=False) + "\n")
-        result = analyze(model, tokenizer, data, [adapter], options, model_name=str(base))
-        for run in result["runs"]:
+        results[task] = analyze(model, tokenizer, data, [adapter], options, model_name=str(base))
+        for run in results[task]["runs"]:
             run["name"] = f"PERFT-R on {task}"
-        if merged:
-            merged["runs"].extend(result["runs"])
-        else:
-            merged = result
-    atomic_write_text(out / "routing.json", json.dumps(merged, indent=1, default=str) + "\n")
-    return plot_utilisation(merged, out / "routing.png")
+    atomic_write_text(out / "routing.json", json.dumps(results, indent=1, default=str) + "\n")
+    return plot_utilisation({"runs": [run for r in results.values() for run in r["runs"]]}, out / "routing.png")
 
 
 # ---------------------------------------------------------------------------- all variants

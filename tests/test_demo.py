@@ -59,7 +59,10 @@ def test_demo_end_to_end(setup, tmp_path):
         assert (adapter / "adapter_model.safetensors").is_file()
         assert (out / "perft-r" / task / "eval" / f"{task}.jsonl").is_file()
     routing = json.loads((out / "routing.json").read_text())
-    assert [run["name"] for run in routing["runs"]] == [f"PERFT-R on {task}" for task in DEMO_TASKS]
+    assert list(routing) == list(DEMO_TASKS)
+    for task in DEMO_TASKS:  # each suite's adapter analysed on that suite's own test prompts
+        assert routing[task]["data"].endswith(f"routing-{task}.json")
+        assert [run["name"] for run in routing[task]["runs"]] == [f"PERFT-R on {task}"]
 
 
 def test_all_variants_writes_the_markdown_table(setup, tmp_path):
