@@ -97,6 +97,29 @@ def olmoe_layer_config(*, quick: bool, vocab_size: int = 1024, backend: str = "g
     return cfg
 
 
+def layer_model(*, quick: bool, backend: str = "grouped_mm", causal_lm: bool = False) -> tuple[nn.Module, str]:
+    """(one-layer OLMoE with OLMoE-1B-7B's shapes, description); `causal_lm` adds the LM head."""
+    from transformers import OlmoeForCausalLM, OlmoeModel
+
+    cfg = olmoe_layer_config(quick=quick, backend=backend)
+    torch.manual_seed(0)
+    cls = OlmoeForCausalLM if causal_lm else OlmoeModel
+    last = "vocab {vocab_size}" if causal_lm else "{num_attention_heads} heads"
+    desc = (f"1-layer {cls.__name__}, hidden {{hidden_size}}, {{num_experts}} experts top-{{num_experts_per_tok}}, "
+            f"expert width {{intermediate_size}}, {last}").format(**cfg.to_dict())
+    return cls(cfg), desc
+
+
+def base_for(target: str, dtype: torch.dtype, *, quick: bool, backend: str,
+             causal_lm: bool = False) -> tuple[nn.Module, str]:
+    """A benchmark's frozen base in eval mode: target "layer" (`layer_model`) or the small model."""
+    if target == "layer":
+        model, desc = layer_model(quick=quick, backend=backend, causal_lm=causal_lm)
+    else:
+        model, desc = small_model(quick=quick, backend=backend)
+    return model.to(dtype).eval(), desc
+
+
 def small_model(*, quick: bool, backend: str = "grouped_mm") -> tuple[nn.Module, str]:
     """The embedded small model if it has been built, else an OLMoE of the same recipe.
 

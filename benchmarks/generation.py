@@ -45,23 +45,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def base_for(target: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    if target == "layer":
-        from transformers import OlmoeForCausalLM
-
-        cfg = common.olmoe_layer_config(quick=args.quick, backend=args.backend)
-        torch.manual_seed(0)
-        model = OlmoeForCausalLM(cfg)
-        desc = ("1-layer OlmoeForCausalLM, hidden {hidden_size}, {num_experts} experts top-{num_experts_per_tok}, "
-                "expert width {intermediate_size}, vocab {vocab_size}").format(**cfg.to_dict())
-    else:
-        model, desc = common.small_model(quick=args.quick, backend=args.backend)
-    return model.to(dtype).eval(), desc
-
-
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    base, desc = base_for(target, dtype, args)
+    base, desc = common.base_for(target, dtype, quick=args.quick, backend=args.backend, causal_lm=True)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, base.config.vocab_size, (1, args.prompt), generator=gen)
     methods: dict[str, Method] = {}

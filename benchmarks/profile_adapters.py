@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -21,6 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul")
+
+
+def profile_step(step: Callable[[], None]) -> tuple[Any, float]:
+    """Run `step` once to warm up, then once under the CPU profiler: (key averages, total self CPU µs)."""
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        step()
+    averages = prof.key_averages()
+    return averages, sum(e.self_cpu_time_total for e in averages)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -36,15 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     common.set_threads(args.threads)
     dtype = common.DTYPES[args.dtype]
-    from transformers import OlmoeModel
-
-    cfg = common.olmoe_layer_config(quick=args.quick, backend="eager")
-    torch.manual_seed(0)
-    base = OlmoeModel(cfg).to(dtype).eval()
+    base, _ = common.base_for("layer", dtype, quick=args.quick, backend="eager")
+    hidden = base.config.hidden_size
     tokens = 64 if args.quick else args.tokens
     gen = torch.Generator().manual_seed(99)
-    x0 = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
-    gy = torch.randn(tokens, cfg.hidden_size, generator=gen).to(dtype)
+    x0 = torch.randn(tokens, hidden, generator=gen).to(dtype)
+    gy = torch.randn(tokens, hidden, generator=gen).to(dtype)
     print(f"# adapter profile ({' '.join(sys.argv[1:])}): {tokens} tokens, {args.dtype}, threads {args.threads}")
     for name in args.methods:
         method = common.build_method(name, base)
@@ -60,11 +68,7 @@ def main(argv: list[str] | None = None) -> int:
             for q in params:
                 q.grad = None
 
-        step()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            step()
-        averages = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in averages)
+        averages, total = profile_step(step)
         mm = sum(e.self_cpu_time_total for e in averages if e.key in MATMULS)
         print(f"\n## {name} ({method.note}): {total / 1e3:.1f} ms self CPU, "
               f"{100 * mm / max(total, 1):.0f}% in matrix products")
@@ -82,11 +86,7 @@ def main(argv: list[str] | None = None) -> int:
             for q in params:
                 q.grad = None
 
-        full_step()  # warm-up
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            full_step()
-        averages = prof.key_averages()
-        total = sum(e.self_cpu_time_total for e in averages)
+        averages, total = profile_step(full_step)
         print(f"\n## whole layer step, {name} ({method.note}): {total / 1e3:.0f} ms self CPU")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     return 0

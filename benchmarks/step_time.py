@@ -99,20 +99,6 @@ def build_inputs(target: str, base: torch.nn.Module, tokens: int, seq_len: int, 
     return {"embeds": embeds, "labels": ids}
 
 
-def base_for(target: str, dtype: torch.dtype, args: argparse.Namespace) -> tuple[torch.nn.Module, str]:
-    if target == "layer":
-        from transformers import OlmoeModel
-
-        cfg = common.olmoe_layer_config(quick=args.quick, backend=args.backend)
-        torch.manual_seed(0)
-        model = OlmoeModel(cfg)
-        desc = ("1-layer OlmoeModel, hidden {hidden_size}, {num_experts} experts top-{num_experts_per_tok}, "
-                "expert width {intermediate_size}, {num_attention_heads} heads").format(**cfg.to_dict())
-    else:
-        model, desc = common.small_model(quick=args.quick, backend=args.backend)
-    return model.to(dtype).eval(), desc
-
-
 # ---------------------------------------------------------------------------- adapter part
 def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, repeats: int) -> dict[str, dict]:
     """Isolated adapter cost on the first adapted layer: fwd+bwd at `tokens`, fwd at 1 token."""
@@ -168,7 +154,7 @@ def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, re
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     t0 = time.time()
-    base, desc = base_for(target, dtype, args)
+    base, desc = common.base_for(target, dtype, quick=args.quick, backend=args.backend)
     inputs = build_inputs(target, base, args.tokens, args.seq_len, dtype)
     methods: dict[str, Method] = {}
     r_params = None
