@@ -109,9 +109,9 @@ def with_average(scores: dict[str, float]) -> dict[str, float]:
     return {**scores, "average": statistics.mean(scores[task] for task in DEMO_TASKS)}
 
 
-def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
+def training_config(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
+    """The `TrainingConfig` of one method on one suite (`train` validates it; `_start` checks it early)."""
     from perft.training.args import TrainingConfig
-    from perft.training.trainer import train
 
     settings: dict[str, Any] = {
         "model": str(base), "data": str(train_file), "output": str(output), "seed": seed,
@@ -121,7 +121,13 @@ def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg
         "report_to": "tensorboard", "progress": cfg.progress, "overwrite_output_dir": True, "bf16": "false",
         "max_steps": cfg.max_steps, **method.settings, **cfg.extra,
     }
-    return train(TrainingConfig.from_dict(settings, source=f"demo method {method.name}"))
+    return TrainingConfig.from_dict(settings, source=f"demo method {method.name}")
+
+
+def train_method(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
+    from perft.training.trainer import train
+
+    return train(training_config(method, base, train_file, output, cfg, seed))
 
 
 def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConfig, seed: int) -> MethodResult:
@@ -168,8 +174,9 @@ def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- the demo
-def _start(cfg: DemoConfig) -> tuple[Path, Path, Any, dict[str, float]]:
-    """What every demo run begins with: threads, inputs, tokenizer, and the frozen base's scores."""
+def _start(cfg: DemoConfig, methods: tuple[Method, ...]) -> tuple[Path, Path, Any, dict[str, float]]:
+    """What every demo run begins with: threads, inputs and settings checked, tokenizer, and the
+    frozen base's scores. Settings are checked before the base is evaluated, so a bad one fails at once."""
     import torch
 
     from perft.loading import load_base_model, load_tokenizer
@@ -177,6 +184,10 @@ def _start(cfg: DemoConfig) -> tuple[Path, Path, Any, dict[str, float]]:
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     base, tasks = prepare_inputs(cfg)
+    if cfg.max_eval_samples is not None and cfg.max_eval_samples < 1:
+        raise PerftError(f"--max-eval-samples must be at least 1, got {cfg.max_eval_samples}")
+    for method in methods:
+        training_config(method, base, tasks / DEMO_TASKS[0] / "train.json", Path(cfg.output), cfg, cfg.seed).validate()
     print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
     tokenizer = load_tokenizer(str(base), padding_side="left")
     base_model = load_base_model(str(base), dtype="float32").eval()
@@ -188,7 +199,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
     out = Path(cfg.output)
     started = time.perf_counter()
-    base, tasks, tokenizer, base_scores = _start(cfg)
+    base, tasks, tokenizer, base_scores = _start(cfg, (DEFAULT_METHOD,))
     base_seconds = time.perf_counter() - started
     tuned = run_method(DEFAULT_METHOD, base, tasks, out / "perft-r", cfg, cfg.seed)
 
@@ -291,7 +302,7 @@ def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), result
                      methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
     """The paper's comparison in miniature; writes a markdown table (mean ± spread over seeds)."""
     out = Path(cfg.output)
-    base, tasks, _, base_scores = _start(cfg)
+    base, tasks, _, base_scores = _start(cfg, methods)
     results: list[MethodResult] = []
     for method in methods:
         for seed in seeds:

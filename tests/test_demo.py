@@ -90,3 +90,15 @@ def test_loss_curve_draws_each_suite_and_skips_empty_histories(tmp_path):
     assert (tmp_path / "curve.png").stat().st_size > 0
     assert plot_loss_curve({"a": [], "b": []}, tmp_path / "none.png") is None
     assert not (tmp_path / "none.png").exists()
+
+
+@pytest.mark.parametrize(("change", "message"), [
+    ({"epochs": -1.0}, "epochs must be a finite number > 0"),
+    ({"lr": float("nan")}, "lr must be a finite number > 0"),
+    ({"max_eval_samples": 0}, "--max-eval-samples must be at least 1"),
+])
+def test_bad_settings_fail_before_the_base_is_evaluated(setup, tmp_path, change, message):
+    cfg = small(setup, tmp_path, **change)
+    with pytest.raises(PerftError, match=message):
+        run_demo(cfg)
+    assert not (tmp_path / "out" / "base").exists()
