@@ -21,6 +21,7 @@ from perft.config import WEIGHTS_NAME, PerftConfig
 from perft.errors import PerftError
 from perft.io import atomic_save_safetensors, load_safetensors
 from perft.layer import ATTR_NAME, PerftLayer, attach
+from perft.routing.live import last_routing_stats, recording
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -244,14 +245,18 @@ class PerftModel(nn.Module):
                 param.requires_grad_(False)
         return model
 
+    # ------------------------------------------------------------------ routing
+    def record_routing(self) -> contextlib.AbstractContextManager[None]:
+        """Inside `with model.record_routing():` every adapted layer keeps its routing of the last
+        forward pass (`PerftLayer.last_routing`); on leaving, recording stops and is cleared."""
+        return recording(self._layers)
+
     def routing_stats(self) -> dict[str, dict[str, Any]]:
         """Adapter routing statistics of the last forward pass, per adapted block path.
 
-        Switch recording on first with `perft.analysis.record_routing(model)`; see
-        `perft.analysis.live` (utilisation, entropy, balance coefficient, dead experts).
+        Call it inside `with model.record_routing():`; see `perft.routing` (utilisation,
+        entropy, balance coefficient, dead experts).
         """
-        from perft.analysis.live import last_routing_stats
-
         return last_routing_stats(self)
 
 

@@ -27,7 +27,7 @@ from perft.analysis import (
     summarize_last_routing,
 )
 from perft.analysis.geometry import base_key_vectors, up_projection_rows
-from perft.analysis.stats import mutual_information
+from perft.routing.stats import mutual_information
 from perft.testing import TINY_ARCHITECTURES, tiny_config
 
 D, E = 32, 8

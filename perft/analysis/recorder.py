@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from perft.analysis.stats import DEFAULT_BINS, CoOccurrence, RoutingCounts
 from perft.arch import MoEBlockInfo, find_moe_blocks
 from perft.errors import PerftError
 from perft.layer import ATTR_NAME, PerftLayer
+from perft.routing.stats import DEFAULT_BINS, CoOccurrence, RoutingCounts
 
 
 @dataclass

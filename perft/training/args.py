@@ -16,8 +16,19 @@ from typing import Any
 
 from perft.config import PerftConfig
 from perft.errors import PerftError
+from perft.methods import get_method, method_names
 
-METHODS = ("perft", "lora-attn", "lora-experts")
+
+class _RegisteredMethods:
+    """A live view of the method registry, so a method registered later is a valid choice."""
+
+    def __iter__(self):  # noqa: ANN204
+        return iter(method_names())
+
+    def __contains__(self, name: object) -> bool:
+        return name in method_names()
+
+
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
 REPORTERS = ("tensorboard", "wandb", "none")
 STRATEGIES = ("ddp", "fsdp")
@@ -57,7 +68,7 @@ class TrainingConfig:
     trust_remote_code: bool = _f(False, "allow the model's own Python code to run", "data and model")
     # -- method
     method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
-                     choices=METHODS)
+                     choices=_RegisteredMethods())
     variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
                       choices=("routed", "embedded", "dense", "single"))
     adapter: str = _f("lora", "adapter expert type", "method", choices=("lora", "parallel"))
@@ -226,18 +237,7 @@ class TrainingConfig:
             _number(self, name)
             if not getattr(self, name) < 1:
                 raise PerftError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
-        if self.method == "perft":
-            self.perft_config()  # PerftConfig's own checks: top_k <= num_experts, rank >= 1, dropout, ...
-        else:
-            _int(self, "rank", 1)
-            if self.alpha is not None:
-                _number(self, "alpha", positive=True)
-            if not (isinstance(self.dropout, float) and 0 <= self.dropout < 1):
-                raise PerftError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
-            if self.method == "lora-experts" and self.dropout != 0:
-                raise PerftError(
-                    "lora-experts (PEFT LoRA on the fused expert tensors) does not support dropout: set --dropout 0"
-                )
+        get_method(self.method).validate(self)
         if self.load_best_at_end and self.val_set_size > 0 and self.save_steps % self.eval_steps:
             raise PerftError(
                 f"save_steps={self.save_steps} is not a multiple of eval_steps={self.eval_steps}: the best "
@@ -320,3 +320,12 @@ def _number(cfg: TrainingConfig, name: str, positive: bool = False) -> None:
     ok = ok and (value > 0 if positive else value >= 0)
     if not ok:
         raise PerftError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
+
+
+def check_lora_settings(cfg: TrainingConfig) -> None:
+    """rank, alpha and dropout of a LoRA-like method (PERFT checks its own in PerftConfig)."""
+    _int(cfg, "rank", 1)
+    if cfg.alpha is not None:
+        _number(cfg, "alpha", positive=True)
+    if not (isinstance(cfg.dropout, float) and 0 <= cfg.dropout < 1):
+        raise PerftError(f"dropout must be a number in [0, 1), got {cfg.dropout!r}")

@@ -37,6 +37,7 @@ from torch import nn
 
 from perft.errors import PerftError
 from perft.io import atomic_save_safetensors, load_safetensors
+from perft.methods import method_of
 from perft.training.distributed import DistributedContext
 
 STATE_NAME = "trainer_state.json"
@@ -66,44 +67,14 @@ def fault_point(name: str, step: int | None = None) -> None:
 
 
 # ---------------------------------------------------------------------------- adapters
-def is_peft_model(model: nn.Module) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:  # pragma: no cover - peft is a dependency
-        return False
-    return isinstance(model, PeftModel)
-
-
-def adapter_state(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The trainable adapter tensors of a PerftModel or a PEFT LoRA model."""
-    if is_peft_model(model):
-        from peft import get_peft_model_state_dict
-
-        return get_peft_model_state_dict(model)
-    return model.adapter_state_dict()
-
-
-def load_adapter_state(model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-    if is_peft_model(model):
-        from peft import set_peft_model_state_dict
-
-        result = set_peft_model_state_dict(model, state)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise PerftError(f"{source} does not fit this LoRA model (unexpected tensors {unexpected[:3]})")
-        return
-    model.load_adapter_state_dict(state, source=source)
-
-
-def save_adapter(model: nn.Module, directory: Path) -> None:
-    if is_peft_model(model):
-        model.save_pretrained(str(directory), safe_serialization=True)
-    else:
-        model.save_pretrained(directory)
-
-
 def adapter_weights_file(directory: Path) -> Path:
     return Path(directory) / "adapter_model.safetensors"
+
+
+def load_adapter_weights(model: nn.Module, checkpoint: Path) -> None:
+    """Copy a checkpoint's adapter tensors into `model` (built by the same method)."""
+    weights = adapter_weights_file(checkpoint)
+    method_of(model).load_adapter_state(model, load_safetensors(weights), source=str(weights))
 
 
 # ---------------------------------------------------------------------------- optimiser / rng
@@ -287,7 +258,7 @@ def save_checkpoint(
     ctx.barrier()
     if ctx.is_main:
         fault_point("after_rng", step)
-        save_adapter(model, tmp)
+        method_of(model).save(model, tmp)
         fault_point("after_adapter", step)
         opt_tensors, opt_meta = optimizer_state(optimizer, param_names)
         atomic_save_safetensors(tmp / "optimizer.safetensors", opt_tensors)
@@ -321,6 +292,8 @@ def read_state(checkpoint: Path) -> dict[str, Any]:
     step = state.get("global_step")
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise PerftError(f"{path} is damaged (global_step {step!r}); resume from an older checkpoint")
+    if not isinstance(state.get("log_window", {}), dict):
+        raise PerftError(f"{path} is damaged (log_window); resume from an older checkpoint")
     for key in ("best_step", "best_val_loss"):
         if state.get(key) is not None and not isinstance(state[key], (int, float)):
             raise PerftError(f"{path} is damaged ({key} {state[key]!r}); resume from an older checkpoint")

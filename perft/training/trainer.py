@@ -1,6 +1,12 @@
 """The `perft train` loop: the paper's recipe (AdamW, linear warm-up/decay, clipping, bf16,
 best checkpoint by validation loss), on one process or many, resumable bit-for-bit.
 
+The loop reads as setup / train / evaluate / save; its components live beside it: the run
+folder and resume policy (`run_folder`), the metric loggers (`loggers`), signals
+(`signals`), the train state that a checkpoint stores (`state`), checkpoint files
+(`checkpoint`), the model (`modeling`, through the method registry `perft.methods`) and the
+PERFT-R router load (`perft.routing.load`).
+
 Loss normalisation. The cross-entropy of a step is summed over the response tokens of the
 whole global batch and divided by their number, which every process computes from the
 shared batch plan. Gradients therefore do not depend on how the global batch is cut into
@@ -12,11 +18,7 @@ over the micro-batches of the step, as `transformers` computes them per forward 
 from __future__ import annotations
 
 import contextlib
-import json
 import math
-import signal
-import sys
-import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -36,7 +38,8 @@ from perft.data.collate import (
 )
 from perft.data.dataset import IGNORE_INDEX, PreparedData, prepare_data
 from perft.errors import PerftError
-from perft.io import atomic_write_text, check_writable_dir, load_safetensors
+from perft.methods import get_method
+from perft.routing.load import RouterLoad, format_load, load_record, routed_layers
 from perft.training import checkpoint as ckpt
 from perft.training.args import TrainingConfig
 from perft.training.distributed import (
@@ -47,9 +50,20 @@ from perft.training.distributed import (
     unwrap,
     wrap_model,
 )
+from perft.training.loggers import MetricLogger, check_reporters, open_loggers
+from perft.training.modeling import (
+    configure_base_router_loss,
+    describe_run,
+    parameter_counts,
+    preflight_model,
+    resolve_bf16,
+)
+from perft.training.run_folder import ADAPTER_DIR, METRICS_NAME, RunFolder
+from perft.training.signals import StopRequests
+from perft.training.state import TrainState
 
-ADAPTER_DIR = "adapter"
-METRICS_NAME = "metrics.jsonl"
+__all__ = ["ADAPTER_DIR", "METRICS_NAME", "NonFiniteLoss", "TrainResult", "Trainer", "train"]
+
 LENGTH_GROUP_MULTIPLIER = 50  # as transformers' LengthGroupedSampler
 # Called after every optimiser step with {"step", "loss", "lr", "checkpoint" (path or None), "model"}.
 Callback = Callable[[dict[str, Any]], None]
@@ -83,151 +97,51 @@ def train(config: TrainingConfig, *, callbacks: Sequence[Callback] = ()) -> Trai
         ctx.close()
 
 
-# ---------------------------------------------------------------------------- model building
-def preflight_model(cfg: TrainingConfig) -> None:
-    """Fail fast on a model that cannot be adapted: read its config, build it on the meta device."""
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from perft.arch import require_moe_blocks
-    from perft.loading import check_local_path
-    from perft.model import get_perft_model
-
-    check_local_path(str(cfg.model))
-    try:
-        config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    except (OSError, ValueError) as err:
-        from perft.loading import first_line
-
-        raise PerftError(f"cannot read the config of model {cfg.model!r}: {first_line(err)}") from None
-    try:
-        with torch.device("meta"):
-            skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
-    except Exception:  # noqa: BLE001 - an exotic model: the real load below reports its own errors
-        return
-    if cfg.method != "lora-attn":
-        require_moe_blocks(skeleton)
-    if cfg.method == "perft":
-        get_perft_model(skeleton, cfg.perft_config())
-
-
-def build_model(cfg: TrainingConfig, base: nn.Module) -> nn.Module:
-    """Attach the adapters `cfg.method` asks for (PERFT, or a PEFT LoRA baseline)."""
-    if cfg.method == "perft":
-        from perft.model import get_perft_model
-
-        return get_perft_model(base, cfg.perft_config())
-    from perft.baselines import get_lora_baseline
-
-    target = "attention" if cfg.method == "lora-attn" else "experts"
-    return get_lora_baseline(base, target, rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout)
-
-
-def configure_base_router_loss(base: nn.Module, coef: float | None) -> float:
-    """Turn the frozen base router's load-balance loss on/off; returns the coefficient in force."""
-    config = getattr(base, "config", None)
-    if config is None or not hasattr(config, "output_router_logits"):
-        if coef:
-            raise PerftError("this model has no router load-balance loss (no output_router_logits in its config): "
-                             "unset base_router_aux_loss_coef")
-        return 0.0
-    if coef is not None:
-        config.output_router_logits = coef > 0
-        config.router_aux_loss_coef = coef
-        if hasattr(base, "router_aux_loss_coef"):
-            base.router_aux_loss_coef = coef  # models copy it at construction
-    if not config.output_router_logits:
-        return 0.0
-    return float(getattr(config, "router_aux_loss_coef", 0.0) or 0.0)
-
-
-def resolve_bf16(setting: str, device: torch.device) -> bool:
-    if setting == "true":
-        return True
-    if setting == "false":
-        return False
-    return device.type == "cuda" and torch.cuda.is_bf16_supported()
-
-
-# ---------------------------------------------------------------------------- the trainer
 class Trainer:
     """One run. Construct, then `run()`; every check happens before anything is written."""
 
     def __init__(self, cfg: TrainingConfig, ctx: DistributedContext, callbacks: Sequence[Callback] = ()) -> None:
-        self.cfg = cfg
-        self.ctx = ctx
-        self.callbacks = list(callbacks)
-        self.out = Path(str(cfg.output))
-        self.history: list[dict[str, Any]] = []
-        self.best_val: float | None = None
-        self.best_step: int | None = None
-        self._signal: int | None = None
-        self._bar: Any = None
-        self._writers: list[Any] = []
+        self.cfg, self.ctx, self.callbacks = cfg, ctx, list(callbacks)
+        self.folder = RunFolder(Path(str(cfg.output)))
+        self.state = TrainState()
+        self.stop = StopRequests(announce=ctx.is_main)
+        self.loggers: list[MetricLogger] = []
+        self.bar: Any = None
+        # Set by `_setup`:
+        self.model: nn.Module | None = None
+        self.wrapped: nn.Module | None = None
+        self.data: PreparedData | None = None
+        self.collate: PaddingCollator | None = None
+        self.params: list[nn.Parameter] = []
+        self.param_names: list[str] = []
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.scheduler: Any = None
+        self.train_load = RouterLoad({})
+        self.base_aux_coef = 0.0
+        self.pass_router_flag = False
+        self.use_bf16 = False
+        self.micro = 1
+        self.lengths: list[int] = []  # of the training examples, in tokens
+        self.targets: list[int] = []  # response tokens of each training example
+        self.steps_per_epoch = self.total_steps = 1
 
     # ------------------------------------------------------------------ setup
-    def _check_output_and_resume(self) -> Path | None:
-        cfg = self.cfg
-        if self.out.exists() and not self.out.is_dir():
-            raise PerftError(f"output {self.out} exists and is not a directory: pick another --output")
-        check_writable_dir(self.out)
-        existing = ckpt.list_checkpoints(self.out)
-        if cfg.resume is None:
-            has_run = existing or (self.out / ADAPTER_DIR).exists()
-            if has_run and not cfg.overwrite_output_dir:
-                what = existing[-1][1].name if existing else ADAPTER_DIR
-                raise PerftError(
-                    f"output {self.out} already holds a run ({what}): pass --resume to continue it, "
-                    "--overwrite-output-dir to start over, or pick another --output"
-                )
-            return None
-        if cfg.resume in ("latest", "auto"):
-            if existing:
-                return existing[-1][1]
-            if cfg.resume == "auto":
-                return None
-            raise PerftError(f"--resume: no checkpoint in {self.out} to resume from; drop --resume to start a new run")
-        path = Path(cfg.resume)
-        if not path.is_dir():
-            raise PerftError(f"--resume: checkpoint directory {path} does not exist")
-        return path
-
-    def _check_resume_matches(self, checkpoint: Path, data_hash: str) -> dict[str, Any]:
-        state = ckpt.read_state(checkpoint)
-        saved, now = state.get("fingerprint", {}), self.cfg.fingerprint()
-        changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
-        if changed:
-            diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed[:4])
-            raise PerftError(
-                f"cannot resume from {checkpoint}: it was written by another config ({diffs}); resume with the "
-                "same settings, or start a new run in another --output"
-            )
-        if state.get("data_hash") != data_hash:
-            raise PerftError(
-                f"cannot resume from {checkpoint}: the data file {self.cfg.data} changed since the checkpoint was "
-                "written; restore it, or start a new run in another --output"
-            )
-        return state
-
-    def _load_tokenizer(self) -> Any:
-        from perft.loading import load_tokenizer
-
-        return load_tokenizer(self.cfg.tokenizer or str(self.cfg.model), trust_remote_code=self.cfg.trust_remote_code)
-
-    def _reporters(self) -> None:
-        if "wandb" in self.cfg.reporters:
-            try:
-                import wandb  # noqa: F401
-            except ImportError:
-                raise PerftError("--report-to wandb needs the wandb package: pip install wandb, "
-                                 "or use --report-to tensorboard") from None
-
-    # ------------------------------------------------------------------ run
     def run(self) -> TrainResult:
+        try:
+            resume_from = self._setup()
+            return self._train(resume_from)
+        finally:
+            for logger in self.loggers:
+                logger.close()
+            self.loggers.clear()
+
+    def _setup(self) -> Path | None:
+        """Check everything, load data and model, restore a checkpoint; then prepare the run folder."""
         cfg, ctx = self.cfg, self.ctx
         cfg.normalise()
         cfg.validate(ctx.world_size)
-        self._reporters()
-        resume_from = self._check_output_and_resume()
+        check_reporters(cfg.reporters)
+        resume_from = self.folder.resume_point(cfg.resume, cfg.overwrite_output_dir)
         if ctx.distributed:  # every process must continue from the same place (checkpoints on a shared disk)
             chosen = ctx.broadcast_object(str(resume_from) if resume_from else None)
             if ctx.any(chosen != (str(resume_from) if resume_from else None)):
@@ -236,235 +150,151 @@ class Trainer:
                     "a file system that every node sees"
                 )
         preflight_model(cfg)
-        tokenizer = self._load_tokenizer()
-        data = prepare_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len, val_set_size=cfg.val_set_size,
-                            split_seed=cfg.split_seed, train_on_inputs=cfg.train_on_inputs,
-                            max_train_samples=cfg.max_train_samples)
-        resume_state = self._check_resume_matches(resume_from, data.data_hash) if resume_from else None
+        from perft.loading import load_tokenizer
 
+        tokenizer = load_tokenizer(cfg.tokenizer or str(cfg.model), trust_remote_code=cfg.trust_remote_code)
+        data = self.data = prepare_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len,
+                                        val_set_size=cfg.val_set_size, split_seed=cfg.split_seed,
+                                        train_on_inputs=cfg.train_on_inputs, max_train_samples=cfg.max_train_samples)
+        saved = (self.folder.check_resume(resume_from, cfg.fingerprint(), data.data_hash, str(cfg.data))
+                 if resume_from else None)
+        model = self.model = self._build_model(resume_from)
+
+        self.collate = PaddingCollator(tokenizer.pad_token_id)
+        self.lengths, self.targets = list(data.train["length"]), list(data.train["num_targets"])
+        self.micro = cfg.micro_batch_size_for(ctx.world_size)
+        self.use_bf16 = resolve_bf16(cfg.bf16, ctx.device)
+        self.steps_per_epoch = math.ceil(len(data.train) / cfg.batch_size)
+        self.total_steps = cfg.max_steps or math.ceil(cfg.epochs * self.steps_per_epoch)
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names, self.params = [n for n, _ in named], [p for _, p in named]
+        from transformers import get_scheduler
+
+        self.optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                           eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
+        self.scheduler = get_scheduler(cfg.lr_scheduler, self.optimizer, num_warmup_steps=cfg.warmup_steps,
+                                       num_training_steps=self.total_steps)
+        self.wrapped = wrap_model(model, ctx, cfg.strategy)
+        if saved is not None:
+            assert resume_from is not None
+            ckpt.load_training_state(resume_from, model=model, optimizer=self.optimizer,
+                                     param_names=self.param_names, scheduler=self.scheduler, ctx=ctx)
+            self.state = TrainState.from_checkpoint(saved, resume_from / ckpt.STATE_NAME)
+            if not ctx.is_main:  # the saved router counts are the sum over processes: held by rank 0 alone
+                self.state.window.router_counts.clear()
+        self.train_load = RouterLoad(routed_layers(unwrap(model)), self.state.window.router_counts)
+
+        # Everything is checked, the checkpoint's training state included: from here on the
+        # output directory may change.
+        if ctx.is_main:
+            self.folder.prepare(cfg.to_dict(), self.state.global_step if saved else None, cfg.overwrite_output_dir)
+            self.loggers = open_loggers(cfg.reporters, self.folder.path, self.folder.metrics, self.state.global_step,
+                                        wandb_project=cfg.wandb_project, run_name=cfg.run_name, config=cfg.to_dict())
+        ctx.barrier()
+        return resume_from
+
+    def _build_model(self, resume_from: Path | None) -> nn.Module:
         from transformers import set_seed
 
         from perft.loading import load_base_model
 
+        cfg = self.cfg
         set_seed(cfg.seed)
         base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
         self.base_aux_coef = configure_base_router_loss(base, cfg.base_router_aux_loss_coef)
         self.pass_router_flag = hasattr(getattr(base, "config", None), "output_router_logits")
         if hasattr(base, "config"):
             base.config.use_cache = False
-        model = build_model(cfg, base)
+        model = get_method(cfg.method).build(base, cfg)
         if resume_from is not None:
-            weights = ckpt.adapter_weights_file(resume_from)
-            ckpt.load_adapter_state(model, load_safetensors(weights), source=str(weights))
+            ckpt.load_adapter_weights(model, resume_from)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.strategy != "fsdp" or not ctx.distributed:
-            model.to(ctx.device)
+        if cfg.strategy != "fsdp" or not self.ctx.distributed:
+            model.to(self.ctx.device)
+        return model
 
-        try:
-            return self._train(model, tokenizer, data, resume_from, resume_state)
-        finally:
-            self._close_writers()
-
-    def _prepare_output(self, resume_state: dict[str, Any] | None) -> None:
-        try:
-            self._write_output_start(resume_state)
-        except OSError as err:  # e.g. read-only for root (immutable), or a full disk
-            where = f" ({err.filename})" if err.filename else ""
-            raise PerftError(f"cannot write to output {self.out}: {err.strerror or err}{where}; "
-                             "pick another --output") from None
-
-    def _write_output_start(self, resume_state: dict[str, Any] | None) -> None:
-        import yaml
-
-        self.out.mkdir(parents=True, exist_ok=True)
-        ckpt.remove_stale_temporaries(self.out)
-        if resume_state is None and self.cfg.overwrite_output_dir:
-            for _, path in ckpt.list_checkpoints(self.out):
-                ckpt.remove_dir(path)  # never a torn checkpoint-N left by a kill
-            for name in (ADAPTER_DIR, "train_summary.json"):
-                target = self.out / name
-                if target.is_dir() and not target.is_symlink():
-                    ckpt.remove_dir(target)
-                elif target.exists() or target.is_symlink():
-                    target.unlink()
-        metrics = self.out / METRICS_NAME
-        if resume_state is None and (metrics.exists() or metrics.is_symlink()):
-            metrics.unlink()  # left by a run killed before its first checkpoint: not this run's
-        saved = {**self.cfg.to_dict(), "resume": None, "overwrite_output_dir": False}  # rerunning it starts no surprise
-        atomic_write_text(self.out / "training_config.yaml", yaml.safe_dump(saved, sort_keys=False))
-        metrics = self.out / METRICS_NAME
-        if resume_state is not None and metrics.exists():  # drop what the killed run logged after its checkpoint
-            step = resume_state["global_step"]
-            keep = []
-            for line in metrics.read_text(encoding="utf-8").splitlines():
-                try:
-                    if json.loads(line).get("step", 0) <= step:
-                        keep.append(line)
-                except json.JSONDecodeError:  # a line torn by the kill
-                    continue
-            atomic_write_text(metrics, "".join(line + "\n" for line in keep))
-
-    # ------------------------------------------------------------------ the loop
-    def _train(self, model: nn.Module, tokenizer: Any, data: PreparedData, resume_from: Path | None,
-               resume_state: dict[str, Any] | None) -> TrainResult:
-        from transformers import get_scheduler
-
-        cfg, ctx = self.cfg, self.ctx
-        self.model = model
-        self.collate = PaddingCollator(tokenizer.pad_token_id)
-        self.train_ds, self.val_ds = data.train, data.val
-        self.lengths = list(data.train["length"])
-        self.targets = list(data.train["num_targets"])
-        self.micro = cfg.micro_batch_size_for(ctx.world_size)
-        self.use_bf16 = resolve_bf16(cfg.bf16, ctx.device)
-        n_train = len(self.train_ds)
-        steps_per_epoch = math.ceil(n_train / cfg.batch_size)
-        total_steps = cfg.max_steps or math.ceil(cfg.epochs * steps_per_epoch)
-
-        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        self.param_names = [n for n, _ in named]
-        self.params = [p for _, p in named]
-        optimizer = torch.optim.AdamW(self.params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                      eps=cfg.adam_epsilon, weight_decay=cfg.weight_decay)
-        scheduler = get_scheduler(cfg.lr_scheduler, optimizer, num_warmup_steps=cfg.warmup_steps,
-                                  num_training_steps=total_steps)
-        self.wrapped = wrap_model(model, ctx, cfg.strategy)
-
-        step = 0
-        if resume_state is not None:
-            assert resume_from is not None
-            ckpt.load_training_state(resume_from, model=model, optimizer=optimizer, param_names=self.param_names,
-                                     scheduler=scheduler, ctx=ctx)
-            step = int(resume_state["global_step"])
-            self.best_val, self.best_step = resume_state.get("best_val_loss"), resume_state.get("best_step")
-            self.history = list(resume_state.get("history", []))
-
-        # Everything is checked, the checkpoint's training state included: from here on the
-        # output directory may change.
-        if ctx.is_main:
-            self._prepare_output(resume_state)
-        ctx.barrier()
-
-        self._open_writers(step)
-        self._report_start(data, total_steps, steps_per_epoch, resumed_at=step if resume_from else None)
-        if resume_state is None and self.val_ds is not None:
+    # ------------------------------------------------------------------ train
+    def _train(self, resume_from: Path | None) -> TrainResult:
+        cfg, ctx, state = self.cfg, self.ctx, self.state
+        assert self.optimizer is not None and self.data is not None
+        self._report_start(resumed=resume_from is not None)
+        if resume_from is None and self.data.val is not None:
             self._evaluate(0)
-        elif resume_state is None:
+        elif resume_from is None:
             self._log_router_start()
-
-        last_saved = step if resume_from else -1
-        window: dict[str, float] = {"loss": 0.0, "aux": 0.0, "steps": 0, "tokens": 0.0, "time": 0.0}
+        last_saved = state.global_step if resume_from else -1
         from tqdm.auto import tqdm
 
-        self._bar = tqdm(total=total_steps, initial=step, disable=not (ctx.is_main and cfg.progress),
-                         dynamic_ncols=True, unit="step", desc="train")
-        previous_handlers = self._install_signal_handlers()
+        self.bar = tqdm(total=self.total_steps, initial=state.global_step, dynamic_ncols=True, unit="step",
+                        desc="train", disable=not (ctx.is_main and cfg.progress))
         order_epoch, batches = -1, []
         try:
-            while step < total_steps:
-                epoch, index = divmod(step, steps_per_epoch)
-                if epoch != order_epoch:
-                    order = epoch_order(n_train, seed=cfg.seed, epoch=epoch, lengths=self.lengths,
-                                        group_size=cfg.batch_size * LENGTH_GROUP_MULTIPLIER if cfg.group_by_length
-                                        else 0)
-                    batches, order_epoch = global_batches(order, cfg.batch_size), epoch
-                started = time.perf_counter()
-                stats = self._train_step(batches[index], step)
-                lr = optimizer.param_groups[0]["lr"]
-                if not (math.isfinite(stats["loss"]) and math.isfinite(stats["aux"])
-                        and math.isfinite(stats["grad_norm"])):
-                    raise self._non_finite(step + 1, stats)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                step += 1
-                ckpt.fault_point("step", step)
-                elapsed = time.perf_counter() - started
-                for key in ("loss", "aux"):
-                    window[key] += stats[key]
-                window["steps"] += 1
-                window["tokens"] += stats["tokens"]
-                window["time"] += elapsed
-                self._bar.update(1)
-                self._bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
-                                      tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
-                if step % cfg.logging_steps == 0 or step == total_steps:
-                    self._log_train(step, steps_per_epoch, window, lr, stats["grad_norm"])
-                    window = {"loss": 0.0, "aux": 0.0, "steps": 0, "tokens": 0.0, "time": 0.0}
-                if self.val_ds is not None and (step % cfg.eval_steps == 0 or step == total_steps):
-                    self._evaluate(step)
-                saved = None
-                if step % cfg.save_steps == 0 or step == total_steps:
-                    saved = self._save(step, steps_per_epoch, optimizer, scheduler, data)
-                    last_saved = step
-                for callback in self.callbacks:
-                    callback({"step": step, "loss": stats["loss"], "lr": lr, "checkpoint": saved,
-                              "model": unwrap(self.model)})
-                if ctx.any(self._signal is not None):
-                    if last_saved != step:
-                        self._save(step, steps_per_epoch, optimizer, scheduler, data)
-                    return self._finish(step, total_steps, "interrupted")
+            with self.stop:
+                while state.global_step < self.total_steps:
+                    epoch, index = divmod(state.global_step, self.steps_per_epoch)
+                    if epoch != order_epoch:
+                        order = epoch_order(len(self.data.train), seed=cfg.seed, epoch=epoch,
+                                            lengths=self.lengths,
+                                            group_size=cfg.batch_size * LENGTH_GROUP_MULTIPLIER
+                                            if cfg.group_by_length else 0)
+                        batches, order_epoch = global_batches(order, cfg.batch_size), epoch
+                    started = time.perf_counter()
+                    stats = self._train_step(batches[index])
+                    lr = self.optimizer.param_groups[0]["lr"]
+                    if not all(math.isfinite(stats[k]) for k in ("loss", "aux", "grad_norm")):
+                        raise self._non_finite(state.global_step + 1, stats)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    state.global_step = step = state.global_step + 1
+                    ckpt.fault_point("step", step)
+                    elapsed = time.perf_counter() - started
+                    state.window.add(stats, elapsed)
+                    self.bar.update(1)
+                    self.bar.set_postfix(loss=f"{stats['loss']:.4f}", lr=f"{lr:.2e}",
+                                         tok_s=f"{stats['tokens'] / max(elapsed, 1e-9):.0f}", refresh=False)
+                    if step % cfg.logging_steps == 0 or step == self.total_steps:
+                        record = state.window.record(step, self.steps_per_epoch, lr, stats["grad_norm"])
+                        self._emit({**record, **load_record(self.train_load.take(ctx.all_reduce_sum))})
+                        state.window.reset()
+                    if self.data.val is not None and (step % cfg.eval_steps == 0 or step == self.total_steps):
+                        self._evaluate(step)
+                    saved = None
+                    if step % cfg.save_steps == 0 or step == self.total_steps:
+                        saved, last_saved = self._save(), step
+                    for callback in self.callbacks:
+                        callback({"step": step, "loss": stats["loss"], "lr": lr, "checkpoint": saved,
+                                  "model": unwrap(self.model)})
+                    if ctx.any(self.stop.signum is not None):
+                        if last_saved != step:
+                            self._save()
+                        return self._finish("interrupted")
         finally:
-            self._restore_signal_handlers(previous_handlers)
-            self._bar.close()
-        return self._finish(step, total_steps, "completed")
+            self.bar.close()
+        return self._finish("completed")
 
-    def _autocast(self) -> Any:
-        if not self.use_bf16:
-            return contextlib.nullcontext()
-        return torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16)
-
-    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
-        """(cross-entropy summed over target tokens, weighted balance losses, outputs)."""
-        kwargs: dict[str, Any] = {}
-        if self.pass_router_flag:
-            kwargs["output_router_logits"] = self.base_aux_coef > 0
-        with self._autocast():
-            out = self.wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
-        logits = out.logits[:, :-1, :]
-        targets = batch["labels"][:, 1:]
-        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
-                             ignore_index=IGNORE_INDEX, reduction="sum")
-        aux = ce.new_zeros(())
-        if self.base_aux_coef > 0 and getattr(out, "aux_loss", None) is not None:
-            aux = aux + self.base_aux_coef * out.aux_loss.float()
-        perft_aux = out.get("perft_aux_loss") if hasattr(out, "get") else None
-        if perft_aux is not None:
-            aux = aux + self.cfg.router_aux_loss_coef * perft_aux.float()
-        return ce, aux, out
-
-    def _examples(self, indices: Sequence[int], ds: Any) -> dict[str, torch.Tensor]:
-        rows = ds[list(indices)]
-        examples = [{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])]
-        batch = self.collate(examples)
-        return {k: v.to(self.ctx.device) for k, v in batch.items()}
-
-    def _train_step(self, batch_indices: list[int], step: int) -> dict[str, float]:
+    def _train_step(self, batch_indices: list[int]) -> dict[str, float]:
         """Forward/backward over this process's micro-batches of one global batch; no optimiser step."""
         cfg, ctx = self.cfg, self.ctx
+        assert self.wrapped is not None and self.data is not None
+        lengths, targets = self.lengths, self.targets
         self.wrapped.train()
-        ordered = sorted(batch_indices, key=lambda i: -self.lengths[i])  # similar lengths share a micro-batch
+        ordered = sorted(batch_indices, key=lambda i: -lengths[i])  # similar lengths share a micro-batch
         micro = micro_batches_for_rank(ordered, self.micro, ctx.rank, ctx.world_size)
         n_micro = num_micro_batches(len(ordered), self.micro)
         per_rank = math.ceil(n_micro / ctx.world_size)  # every process runs as many passes (FSDP needs it)
-        denominator = max(sum(self.targets[i] for i in ordered), 1)
+        denominator = max(sum(targets[i] for i in ordered), 1)
         ce_sum = aux_sum = tokens = 0.0
-        record = self._routed_layers()
         for j in range(per_rank):
             real = j < len(micro)
-            batch = self._examples(micro[j] if real else ordered[:1], self.train_ds)
-            last = j == per_rank - 1
-            with no_sync(self.wrapped, enabled=not last):
-                for layer in record.values():
-                    layer.record_routing = real
+            batch = self._examples(micro[j] if real else ordered[:1], self.data.train)
+            with no_sync(self.wrapped, enabled=j != per_rank - 1), self._recording(real):
                 ce, aux, _ = self._forward(batch)
                 if real:
-                    self._count_routing(record, batch["attention_mask"])
+                    self.train_load.count(batch["attention_mask"])
                 loss = ce * (ctx.world_size / denominator) + aux * (ctx.world_size / n_micro)
                 (loss if real else loss * 0.0).backward()
-            for layer in record.values():
-                layer.record_routing = False
             if real:
                 ce_sum += ce.item()
                 aux_sum += aux.item()
@@ -480,173 +310,141 @@ class Trainer:
         return {"loss": ce_sum / denominator, "aux": aux_sum / n_micro, "tokens": tokens,
                 "grad_norm": float(grad_norm)}
 
-    # ------------------------------------------------------------------ router figures
-    def _routed_layers(self) -> dict[str, Any]:
-        layers = getattr(unwrap(self.model), "perft_layers", None)
-        if not layers:
-            return {}
-        return {path: layer for path, layer in layers.items() if getattr(layer, "variant", None) == "routed"}
+    def _forward(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        """(cross-entropy summed over target tokens, weighted balance losses, outputs)."""
+        assert self.wrapped is not None
+        kwargs: dict[str, Any] = {}
+        if self.pass_router_flag:
+            kwargs["output_router_logits"] = self.base_aux_coef > 0
+        autocast = (torch.autocast(device_type=self.ctx.device.type, dtype=torch.bfloat16) if self.use_bf16
+                    else contextlib.nullcontext())
+        with autocast:
+            out = self.wrapped(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], **kwargs)
+        logits = out.logits[:, :-1, :]
+        targets = batch["labels"][:, 1:]
+        ce = F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), targets.reshape(-1),
+                             ignore_index=IGNORE_INDEX, reduction="sum")
+        aux = ce.new_zeros(())
+        if self.base_aux_coef > 0 and getattr(out, "aux_loss", None) is not None:
+            aux = aux + self.base_aux_coef * out.aux_loss.float()
+        perft_aux = out.get("perft_aux_loss") if hasattr(out, "get") else None
+        if perft_aux is not None:
+            aux = aux + self.cfg.router_aux_loss_coef * perft_aux.float()
+        return ce, aux, out
 
-    def _count_routing(self, layers: dict[str, Any], mask: torch.Tensor) -> None:
-        counts = getattr(self, "_route_counts", None)
-        if counts is None:
-            counts = self._route_counts = {}
-        keep = mask.reshape(-1).bool()
-        for path, layer in layers.items():
-            routing = layer.last_routing
-            if routing is None:
-                continue
-            index = routing["index"]
-            if index.shape[0] == keep.shape[0]:
-                index = index[keep]
-            c = torch.bincount(index.reshape(-1).cpu(), minlength=layer.num_experts).double()
-            counts[path] = counts.get(path, torch.zeros_like(c)) + c
-            layer.last_routing = None
+    def _examples(self, indices: Sequence[int], ds: Any) -> dict[str, torch.Tensor]:
+        assert self.collate is not None
+        rows = ds[list(indices)]
+        batch = self.collate([{"input_ids": i, "labels": lab} for i, lab in zip(rows["input_ids"], rows["labels"])])
+        return {k: v.to(self.ctx.device) for k, v in batch.items()}
 
-    def _take_router_load(self) -> dict[str, list[float]] | None:
-        """Share of top-K routing slots per PERFT-R adapter expert, per layer, since the last call."""
-        counts = getattr(self, "_route_counts", None)
-        layers = self._routed_layers()
-        if not layers:
-            return None
-        self._route_counts = {}
-        paths = sorted(layers)
-        n = max(layer.num_experts for layer in layers.values())
-        flat = [0.0] * (len(paths) * n)
-        for i, path in enumerate(paths):
-            if counts and path in counts:
-                flat[i * n:i * n + len(counts[path])] = counts[path].tolist()
-        flat = self.ctx.all_reduce_sum(flat)
-        loads = {}
-        for i, path in enumerate(paths):
-            row = flat[i * n:(i + 1) * n][:layers[path].num_experts]
-            total = sum(row)
-            if total > 0:
-                loads[path] = [c / total for c in row]
-        return loads or None
+    def _recording(self, enabled: bool) -> contextlib.AbstractContextManager[Any]:
+        """Record the PERFT-R routing of this forward pass (for the router load), if there is any."""
+        model = unwrap(self.model)
+        if not (enabled and self.train_load.layers and hasattr(model, "record_routing")):
+            return contextlib.nullcontext()
+        return model.record_routing()
 
-    @staticmethod
-    def router_summary(loads: dict[str, list[float]]) -> dict[str, float]:
-        """max load x N (1 = perfectly balanced) and coefficient of variation, averaged over layers."""
-        ratios, cvs = [], []
-        for row in loads.values():
-            n = len(row)
-            mean = 1.0 / n
-            ratios.append(max(row) * n)
-            cvs.append(math.sqrt(sum((x - mean) ** 2 for x in row) / n) / mean)
-        return {"max_load_x_n": sum(ratios) / len(ratios), "load_cv": sum(cvs) / len(cvs)}
-
-    def _format_router(self, loads: dict[str, list[float]]) -> str:
-        summary = self.router_summary(loads)
-        n = len(next(iter(loads.values())))
-        lines = [f"PERFT-R router load (share of top-K slots per adapter expert; balanced = {1 / n:.3f}): "
-                 f"max x N {summary['max_load_x_n']:.2f}, CV {summary['load_cv']:.2f}"]
-        rows = list(loads.items())
-        shown = rows if len(rows) <= 8 else rows[:4] + rows[-4:]
-        for path, row in shown:
-            lines.append(f"  {path}: " + " ".join(f"{x:.3f}" for x in row))
-        if len(rows) > len(shown):
-            lines.insert(5, f"  ... {len(rows) - len(shown)} more layers in {METRICS_NAME}")
-        return "\n".join(lines)
-
-    def _log_router_start(self) -> None:
-        """Without a validation set: router figures of the first training batch, before any update."""
-        layers = self._routed_layers()
-        if not layers:
-            return
-        first = list(range(min(len(self.train_ds), self.micro)))
-        self.wrapped.eval()
-        with torch.no_grad():
-            for layer in layers.values():
-                layer.record_routing = True
-            batch = self._examples(first, self.train_ds)
-            self._forward(batch)
-            self._count_routing(layers, batch["attention_mask"])
-            for layer in layers.values():
-                layer.record_routing = False
-        loads = self._take_router_load()
-        if loads:
-            self._emit({"step": 0, "router_load": loads, **{f"router_{k}": v for k, v in
-                                                            self.router_summary(loads).items()}})
-            self._print(self._format_router(loads))
-
-    # ------------------------------------------------------------------ evaluation
+    # ------------------------------------------------------------------ evaluate
     def _evaluate(self, step: int) -> float:
         """Mean cross-entropy per target token over the validation set (+ router load over it)."""
         ctx = self.ctx
+        assert self.wrapped is not None and self.data is not None and self.data.val is not None
+        val = self.data.val
         size = self.cfg.eval_batch_size or self.micro
-        val_lengths = list(self.val_ds["length"])
-        order = sorted(range(len(self.val_ds)), key=lambda i: -val_lengths[i])
+        val_lengths = list(val["length"])
+        order = sorted(range(len(val)), key=lambda i: -val_lengths[i])
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
         mine = chunks[ctx.rank::ctx.world_size]
-        rounds = math.ceil(len(chunks) / ctx.world_size)
-        layers = self._routed_layers()
-        saved_counts, self._route_counts = getattr(self, "_route_counts", None), {}
+        load = RouterLoad(self.train_load.layers)
         ce_sum = count = 0.0
         self.wrapped.eval()
         with torch.no_grad():
-            for j in range(rounds):
+            for j in range(math.ceil(len(chunks) / ctx.world_size)):
                 real = j < len(mine)
-                batch = self._examples(mine[j] if real else chunks[0], self.val_ds)
-                for layer in layers.values():
-                    layer.record_routing = real
-                ce, _, _ = self._forward(batch)
+                batch = self._examples(mine[j] if real else chunks[0], val)
+                with self._recording(real):
+                    ce, _, _ = self._forward(batch)
+                    if real:
+                        load.count(batch["attention_mask"])
                 if real:
-                    self._count_routing(layers, batch["attention_mask"])
                     ce_sum += ce.item()
                     count += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-                for layer in layers.values():
-                    layer.record_routing = False
         ce_sum, count = ctx.all_reduce_sum([ce_sum, count])
         val_loss = ce_sum / max(count, 1.0)
-        loads = self._take_router_load()
-        self._route_counts = saved_counts or {}
-        record: dict[str, Any] = {"step": step, "val_loss": val_loss}
-        if loads:
-            record.update({f"router_{k}": v for k, v in self.router_summary(loads).items()}, router_load=loads)
+        loads = load.take(ctx.all_reduce_sum)
+        record: dict[str, Any] = {"step": step, "val_loss": val_loss, **load_record(loads)}
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
         ckpt.fault_point("eval", step)
-        improved = count > 0 and (self.best_val is None or val_loss < self.best_val)
-        if step > 0 and improved:
-            self.best_val, self.best_step = val_loss, step
+        improved = count > 0 and self.state.improve(step, val_loss)
         self._emit(record)
         message = f"step {step}: val_loss {val_loss:.4f}" + (" (best)" if step > 0 and improved else "")
         if loads and step == 0:
-            message += "\n" + self._format_router(loads)
+            message += "\n" + format_load(loads, METRICS_NAME)
         elif loads:
             message += f", router max x N {record['router_max_load_x_n']:.2f}"
         self._print(message)
         return val_loss
 
-    # ------------------------------------------------------------------ checkpoints
-    def _save(self, step: int, steps_per_epoch: int, optimizer: torch.optim.Optimizer, scheduler: Any,
-              data: PreparedData) -> Path:
-        state = {
-            "global_step": step,
-            "epoch": step // steps_per_epoch,
-            "step_in_epoch": step % steps_per_epoch,
-            "examples_seen": step * self.cfg.batch_size,
-            "best_val_loss": self.best_val,
-            "best_step": self.best_step,
-            "history": self.history,
-            "fingerprint": self.cfg.fingerprint(),
-            "data_hash": data.data_hash,
-            "world_size": self.ctx.world_size,
-            "method": self.cfg.method,
-        }
-        path = ckpt.save_checkpoint(self.out, step, model=unwrap(self.model), optimizer=optimizer,
-                                    param_names=self.param_names, scheduler=scheduler, state=state, ctx=self.ctx)
-        if self.ctx.is_main:
-            protect = {self.best_step} if self.best_step is not None else set()
-            ckpt.rotate_checkpoints(self.out, self.cfg.save_total_limit, protect, step=step)
-        self.ctx.barrier()
+    def _log_router_start(self) -> None:
+        """Without a validation set: router figures of the first training batch, before any update."""
+        if not self.train_load.layers:
+            return
+        assert self.wrapped is not None and self.data is not None
+        load = RouterLoad(self.train_load.layers)
+        first = list(range(min(len(self.data.train), self.micro)))
+        self.wrapped.eval()
+        with torch.no_grad(), self._recording(True):
+            batch = self._examples(first, self.data.train)
+            self._forward(batch)
+            load.count(batch["attention_mask"])
+        loads = load.take(self.ctx.all_reduce_sum)
+        if loads:
+            self._emit({"step": 0, **load_record(loads)})
+            self._print(format_load(loads, METRICS_NAME))
+
+    # ------------------------------------------------------------------ save
+    def _save(self) -> Path:
+        """A checkpoint of this step: adapter, optimiser, scheduler, RNG, and the train state."""
+        ctx, state = self.ctx, self.state
+        assert self.data is not None
+        self.train_load.consolidate(ctx.all_reduce_sum, keep=ctx.is_main)
+        payload = state.to_checkpoint(steps_per_epoch=self.steps_per_epoch, batch_size=self.cfg.batch_size,
+                                      fingerprint=self.cfg.fingerprint(), data_hash=self.data.data_hash,
+                                      world_size=ctx.world_size, method=self.cfg.method)
+        path = ckpt.save_checkpoint(self.folder.path, state.global_step, model=unwrap(self.model),
+                                    optimizer=self.optimizer, param_names=self.param_names,
+                                    scheduler=self.scheduler, state=payload, ctx=ctx)
+        if ctx.is_main:
+            protect = {state.best_step} if state.best_step is not None else set()
+            ckpt.rotate_checkpoints(self.folder.path, self.cfg.save_total_limit, protect, step=state.global_step)
+        ctx.barrier()
         return path
 
+    def _finish(self, status: str) -> TrainResult:
+        step, best_step, best_val = self.state.global_step, self.state.best_step, self.state.best_val_loss
+        out = self.folder.path
+        if status == "completed" and self.ctx.is_main:
+            chosen = best_step if self.cfg.load_best_at_end and best_step is not None else step
+            source = out / f"checkpoint-{chosen}"
+            if not source.is_dir():  # best checkpoint not kept (e.g. save_total_limit); fall back to the last
+                chosen, source = step, out / f"checkpoint-{step}"
+            adapter_dir = self.folder.export_adapter(source, step)
+            ckpt.fault_point("summary", step)
+            self.folder.write_summary({"status": status, "global_step": step, "adapter": str(adapter_dir),
+                                       "adapter_from_step": chosen, "best_step": best_step,
+                                       "best_val_loss": best_val})
+            self._print(f"done: adapter from step {chosen} saved to {adapter_dir}"
+                        + (f" (best val_loss {best_val:.4f})" if best_val is not None else ""))
+        elif status == "interrupted" and self.ctx.is_main:
+            self._print(f"interrupted at step {step}: checkpoint saved to {out / f'checkpoint-{step}'}; "
+                        "continue with --resume")
+        self.ctx.barrier()
+        return TrainResult(out, self.folder.adapter_dir if status == "completed" else None, status, step,
+                           self.total_steps, best_step, best_val, self.stop.signum, list(self.state.history))
+
     def _non_finite(self, step: int, stats: dict[str, float]) -> NonFiniteLoss:
-        existing = ckpt.list_checkpoints(self.out)
-        keep = (f"the last good checkpoint is {existing[-1][1]} (step {existing[-1][0]})" if existing
-                else "no checkpoint was written yet")
         if not math.isfinite(stats["loss"]):
             what, value = "loss", stats["loss"]
         elif not math.isfinite(stats["aux"]):
@@ -654,165 +452,36 @@ class Trainer:
         else:
             what, value = "gradient norm", stats["grad_norm"]
         return NonFiniteLoss(
-            f"the {what} became {value} at step {step}; stopped without applying that update, {keep}: "
-            "lower --lr (or fix the data) and start a new run from scratch; resuming with the same settings "
-            "would replay the same steps"
+            f"the {what} became {value} at step {step}; stopped without applying that update, "
+            f"{self.folder.last_checkpoint_note()}: lower --lr (or fix the data) and start a new run from scratch; "
+            "resuming with the same settings would replay the same steps"
         )
 
-    def _finish(self, step: int, total_steps: int, status: str) -> TrainResult:
-        adapter_dir = None
-        if status == "completed" and self.ctx.is_main:
-            chosen = step
-            if self.cfg.load_best_at_end and self.best_step is not None:
-                chosen = self.best_step
-            source = self.out / f"checkpoint-{chosen}"
-            if not source.is_dir():  # best checkpoint not kept (e.g. save_total_limit); fall back to the last
-                chosen, source = step, self.out / f"checkpoint-{step}"
-            adapter_dir = self._export_adapter(source, step)
-            ckpt.fault_point("summary", step)
-            summary = {"status": status, "global_step": step, "adapter": str(adapter_dir),
-                       "adapter_from_step": chosen, "best_step": self.best_step, "best_val_loss": self.best_val}
-            atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
-            self._print(f"done: adapter from step {chosen} saved to {adapter_dir}"
-                        + (f" (best val_loss {self.best_val:.4f})" if self.best_val is not None else ""))
-        elif status == "interrupted" and self.ctx.is_main:
-            self._print(f"interrupted at step {step}: checkpoint saved to {self.out / f'checkpoint-{step}'}; "
-                        "continue with --resume")
-        self.ctx.barrier()
-        if status == "completed":
-            adapter_dir = self.out / ADAPTER_DIR
-        return TrainResult(self.out, adapter_dir, status, step, total_steps, self.best_step, self.best_val,
-                           self._signal, list(self.history))
-
-    def _export_adapter(self, checkpoint: Path, step: int) -> Path:
-        import shutil
-
-        final = self.out / ADAPTER_DIR
-        tmp = self.out / f".tmp-{ADAPTER_DIR}"
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        tmp.mkdir()
-        skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME)
-        for item in checkpoint.iterdir():
-            if item.is_file() and not item.name.startswith(skip):
-                shutil.copy2(item, tmp / item.name)
-        ckpt.fault_point("export", step)
-        ckpt.replace_dir(tmp, final)
-        return final
-
     # ------------------------------------------------------------------ logs
-    def _open_writers(self, step: int) -> None:
-        if not self.ctx.is_main:
-            return
-        if "tensorboard" in self.cfg.reporters:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._tb = SummaryWriter(log_dir=str(self.out / "logs"), purge_step=step or None)
-            self._writers.append(self._tb)
-        if "wandb" in self.cfg.reporters:
-            import wandb
-
-            self._wandb = wandb.init(project=self.cfg.wandb_project, name=self.cfg.run_name,
-                                     config=self.cfg.to_dict(), dir=str(self.out), resume="allow")
-
-    def _close_writers(self) -> None:
-        for writer in self._writers:
-            writer.close()
-        self._writers.clear()
-        if getattr(self, "_wandb", None) is not None:
-            self._wandb.finish()
-            self._wandb = None
-
     def _emit(self, record: dict[str, Any]) -> None:
-        """One metrics record: history, metrics.jsonl, TensorBoard, W&B (rank 0)."""
-        compact = {k: v for k, v in record.items() if k != "router_load"}
-        self.history.append(compact)
-        if not self.ctx.is_main:
-            return
-        with open(self.out / METRICS_NAME, "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(record) + "\n")
-        step = record["step"]
-        scalars = {k: v for k, v in compact.items() if k != "step" and isinstance(v, (int, float))}
-        if getattr(self, "_tb", None) is not None:
-            for key, value in scalars.items():
-                group = "eval" if key == "val_loss" or key.startswith("router") else "train"
-                self._tb.add_scalar(f"{group}/{key}", value, step)
-            for path, row in (record.get("router_load") or {}).items():
-                for i, x in enumerate(row):
-                    self._tb.add_scalar(f"router_load/{path}/expert{i}", x, step)
-            self._tb.flush()
-        if getattr(self, "_wandb", None) is not None:
-            self._wandb.log(scalars, step=step)
-
-    def _log_train(self, step: int, steps_per_epoch: int, window: dict[str, float], lr: float,
-                   grad_norm: float) -> None:
-        n = max(window["steps"], 1)
-        record = {"step": step, "epoch": round(step / steps_per_epoch, 4), "loss": window["loss"] / n,
-                  "aux_loss": window["aux"] / n, "lr": lr, "grad_norm": grad_norm,
-                  "tokens_per_s": window["tokens"] / max(window["time"], 1e-9)}
-        loads = self._take_router_load()
-        if loads:
-            record.update({f"router_{k}": v for k, v in self.router_summary(loads).items()}, router_load=loads)
-        self._emit(record)
+        """One metrics record: history (without per-layer loads), then every logger (main process)."""
+        self.state.history.append({k: v for k, v in record.items() if k != "router_load"})
+        for logger in self.loggers:
+            logger.log(record)
 
     def _print(self, message: str) -> None:
         if not self.ctx.is_main:
             return
-        if self._bar is not None and not self._bar.disable:
-            self._bar.write(message)
+        if self.bar is not None and not self.bar.disable:
+            self.bar.write(message)
         else:
             print(message, flush=True)
 
-    def _report_start(self, data: PreparedData, total_steps: int, steps_per_epoch: int,
-                      resumed_at: int | None) -> None:
-        cfg, ctx = self.cfg, self.ctx
-        model = unwrap(self.model)
-        trainable, total = model.get_nb_trainable_parameters()
-        what = (f"PERFT-{cfg.variant[0].upper()} ({cfg.adapter}, r={cfg.rank}"
-                + (f", {cfg.top_k} of {cfg.num_experts} experts" if cfg.variant == "routed" else "")
-                + (f", {cfg.num_experts} experts" if cfg.variant == "dense" else "") + ")"
-                if cfg.method == "perft" else f"LoRA baseline {cfg.method} (r={cfg.rank})")
-        accumulation = cfg.grad_accumulation(ctx.world_size)
-        lines = [
-            f"perft train: {what} on {cfg.model}",
-            f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}",
-            f"data: {len(self.train_ds):,d} train / {len(self.val_ds) if self.val_ds is not None else 0:,d} val "
-            f"records ({data.truncated} cut at {cfg.cutoff_len} tokens"
-            + (f", {data.no_target} with no response token left" if data.no_target else "") + ")",
-            f"steps: {total_steps} ({steps_per_epoch}/epoch); batch {cfg.batch_size} = micro {self.micro} x "
-            f"accumulation {accumulation} x {ctx.world_size} process(es); device {ctx.device}"
-            f"{', bf16 autocast' if self.use_bf16 else ''}"
-            + (f"; {cfg.strategy}" if ctx.distributed else ""),
-        ]
-        if resumed_at is not None:
-            lines.append(f"resumed at step {resumed_at}")
+    def _report_start(self, resumed: bool) -> None:
+        assert self.data is not None
+        trainable, total = parameter_counts(unwrap(self.model))
+        lines = describe_run(self.cfg, self.ctx, self.data, trainable=trainable, total=total, micro=self.micro,
+                             steps=(self.total_steps, self.steps_per_epoch), bf16=self.use_bf16)
+        if resumed:
+            lines.append(f"resumed at step {self.state.global_step}")
         else:
             self._emit({"step": 0, "trainable_params": trainable, "all_params": total,
                         "trainable_pct": 100 * trainable / total})
         self._print("\n".join(lines))
-        if ctx.is_main and getattr(self, "_tb", None) is not None:
-            self._tb.add_text("run", "\n\n".join(lines), resumed_at or 0)
-
-    # ------------------------------------------------------------------ signals
-    def _install_signal_handlers(self) -> dict[int, Any]:
-        if threading.current_thread() is not threading.main_thread():
-            return {}
-
-        def handler(signum: int, frame: Any) -> None:
-            if self._signal is not None and signum == signal.SIGINT:
-                raise KeyboardInterrupt  # second Ctrl-C: stop now
-            self._signal = signum
-            if self.ctx.is_main:
-                print(f"\nperft train: got {signal.Signals(signum).name}; saving a checkpoint after this step "
-                      "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
-
-        previous = {}
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            previous[sig] = signal.getsignal(sig)
-            signal.signal(sig, handler)
-        return previous
-
-    @staticmethod
-    def _restore_signal_handlers(previous: dict[int, Any]) -> None:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
+        for logger in self.loggers:
+            logger.text("run", "\n\n".join(lines), self.state.global_step)

@@ -1,24 +1,40 @@
-"""Routing statistics of the last forward pass, from Python and from the training loop.
+"""Recording the adapter routing of a forward pass, and its statistics.
 
 `PerftLayer.last_routing` holds the adapter routing of the last forward when
 `record_routing` is on: the PERFT-R router's probabilities and top-k, or, for PERFT-E, the
-base top-k that gates its experts. These helpers turn it into the same statistics the
-analysis command reports (`perft.analysis.stats`), cheaply enough to log every step.
+base top-k that gates its experts. `recording` switches it on for a block of code (behind
+`PerftModel.record_routing()`); the helpers turn it into the same statistics the analysis
+command reports (`perft.routing.stats`), cheaply enough to log every step.
 """
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from perft.analysis.stats import RoutingCounts
 from perft.errors import PerftError
+from perft.routing.stats import RoutingCounts
 
 LOG_PREFIX = "routing/"
 _LOGGED = ("utilisation_entropy", "token_entropy", "balance_coef", "max_utilisation_ratio")
+
+
+@contextlib.contextmanager
+def recording(layers: Mapping[str, Any]) -> Iterator[None]:
+    """Record each of `layers`' routing inside the block; on leaving, recording is off and cleared."""
+    for layer in layers.values():
+        layer.record_routing = True
+    try:
+        yield
+    finally:
+        for layer in layers.values():
+            layer.record_routing = False
+            layer.last_routing = None
 
 
 def record_routing(model: nn.Module, enabled: bool = True) -> None:
@@ -39,7 +55,8 @@ def last_routing_stats(model: nn.Module, attention_mask: torch.Tensor | None = N
     layers = _layers(model)
     if not any(layer.record_routing for layer in layers.values()):
         raise PerftError(
-            "routing is not being recorded: call perft.analysis.record_routing(model) before the forward pass"
+            "routing is not being recorded: run the forward pass inside `with model.record_routing():` "
+            "(or call perft.analysis.record_routing(model) first)"
         )
     out: dict[str, dict[str, Any]] = {}
     for path, layer in layers.items():
