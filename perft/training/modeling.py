@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -29,6 +32,38 @@ def preflight_model(cfg: TrainingConfig) -> None:
     except Exception:  # noqa: BLE001 - an exotic model: the real load below reports its own errors
         return
     get_method(cfg.method).preflight(skeleton, cfg)
+
+
+@dataclass
+class BuiltModel:
+    """The model to train and how its frozen base's router loss is requested."""
+
+    model: nn.Module
+    base_aux_coef: float  # coefficient of the base router's balance loss in force (0: off)
+    pass_router_flag: bool  # the base takes `output_router_logits`
+
+
+def build_model(cfg: TrainingConfig, ctx: DistributedContext, resume_from: Path | None) -> BuiltModel:
+    """Load the frozen base, attach the method's adapters (restored from `resume_from`), place it."""
+    from transformers import set_seed
+
+    from perft.loading import load_base_model
+    from perft.training import checkpoint as ckpt
+
+    set_seed(cfg.seed)
+    base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
+    base_aux_coef = configure_base_router_loss(base, cfg.base_router_aux_loss_coef)
+    pass_router_flag = hasattr(getattr(base, "config", None), "output_router_logits")
+    if hasattr(base, "config"):
+        base.config.use_cache = False
+    model = get_method(cfg.method).build(base, cfg)
+    if resume_from is not None:
+        ckpt.load_adapter_weights(model, resume_from)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if cfg.strategy != "fsdp" or not ctx.distributed:
+        model.to(ctx.device)
+    return BuiltModel(model, base_aux_coef, pass_router_flag)
 
 
 def configure_base_router_loss(base: nn.Module, coef: float | None) -> float:

@@ -114,3 +114,22 @@ class TrainState:
         window = LogWindow.from_dict(state["log_window"], source) if "log_window" in state else LogWindow()
         return cls(global_step=int(state["global_step"]), best_val_loss=state.get("best_val_loss"),
                    best_step=state.get("best_step"), history=list(state.get("history", [])), window=window)
+
+
+class NonFiniteLoss(PerftError):
+    """The loss or gradient became NaN/Inf; the run stopped before applying that step."""
+
+
+@dataclass
+class TrainResult:
+    """What a run did, for scripts and tests."""
+
+    output_dir: Path
+    adapter_dir: Path | None
+    status: str  # "completed" or "interrupted"
+    global_step: int
+    total_steps: int
+    best_step: int | None = None
+    best_val_loss: float | None = None
+    signal: int | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)

@@ -21,7 +21,6 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +37,6 @@ from perft.data.collate import (
 )
 from perft.data.dataset import IGNORE_INDEX, PreparedData, prepare_data
 from perft.errors import PerftError
-from perft.methods import get_method
 from perft.routing.load import RouterLoad, format_load, load_record, routed_layers
 from perft.training import checkpoint as ckpt
 from perft.training.args import TrainingConfig
@@ -52,7 +50,7 @@ from perft.training.distributed import (
 )
 from perft.training.loggers import MetricLogger, check_reporters, open_loggers
 from perft.training.modeling import (
-    configure_base_router_loss,
+    build_model,
     describe_run,
     parameter_counts,
     preflight_model,
@@ -60,32 +58,13 @@ from perft.training.modeling import (
 )
 from perft.training.run_folder import ADAPTER_DIR, METRICS_NAME, RunFolder
 from perft.training.signals import StopRequests
-from perft.training.state import TrainState
+from perft.training.state import NonFiniteLoss, TrainResult, TrainState
 
 __all__ = ["ADAPTER_DIR", "METRICS_NAME", "NonFiniteLoss", "TrainResult", "Trainer", "train"]
 
 LENGTH_GROUP_MULTIPLIER = 50  # as transformers' LengthGroupedSampler
 # Called after every optimiser step with {"step", "loss", "lr", "checkpoint" (path or None), "model"}.
 Callback = Callable[[dict[str, Any]], None]
-
-
-class NonFiniteLoss(PerftError):
-    """The loss or gradient became NaN/Inf; the run stopped before applying that step."""
-
-
-@dataclass
-class TrainResult:
-    """What a run did, for scripts and tests."""
-
-    output_dir: Path
-    adapter_dir: Path | None
-    status: str  # "completed" or "interrupted"
-    global_step: int
-    total_steps: int
-    best_step: int | None = None
-    best_val_loss: float | None = None
-    signal: int | None = None
-    history: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train(config: TrainingConfig, *, callbacks: Sequence[Callback] = ()) -> TrainResult:
@@ -158,7 +137,9 @@ class Trainer:
                                         train_on_inputs=cfg.train_on_inputs, max_train_samples=cfg.max_train_samples)
         saved = (self.folder.check_resume(resume_from, cfg.fingerprint(), data.data_hash, str(cfg.data))
                  if resume_from else None)
-        model = self.model = self._build_model(resume_from)
+        built = build_model(cfg, ctx, resume_from)
+        model = self.model = built.model
+        self.base_aux_coef, self.pass_router_flag = built.base_aux_coef, built.pass_router_flag
 
         self.collate = PaddingCollator(tokenizer.pad_token_id)
         self.lengths, self.targets = list(data.train["length"]), list(data.train["num_targets"])
@@ -192,27 +173,6 @@ class Trainer:
                                         wandb_project=cfg.wandb_project, run_name=cfg.run_name, config=cfg.to_dict())
         ctx.barrier()
         return resume_from
-
-    def _build_model(self, resume_from: Path | None) -> nn.Module:
-        from transformers import set_seed
-
-        from perft.loading import load_base_model
-
-        cfg = self.cfg
-        set_seed(cfg.seed)
-        base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
-        self.base_aux_coef = configure_base_router_loss(base, cfg.base_router_aux_loss_coef)
-        self.pass_router_flag = hasattr(getattr(base, "config", None), "output_router_logits")
-        if hasattr(base, "config"):
-            base.config.use_cache = False
-        model = get_method(cfg.method).build(base, cfg)
-        if resume_from is not None:
-            ckpt.load_adapter_weights(model, resume_from)
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-        if cfg.strategy != "fsdp" or not self.ctx.distributed:
-            model.to(self.ctx.device)
-        return model
 
     # ------------------------------------------------------------------ train
     def _train(self, resume_from: Path | None) -> TrainResult:
