@@ -7,7 +7,6 @@ import shutil
 
 import pytest
 import torch
-from helpers_eval import boolq_records, make_model, make_tokenizer, math_records, write_task
 
 from perft.cli import main
 from perft.data.prompts import response_of
@@ -23,6 +22,7 @@ from perft.evaluation import (
     is_correct,
     prepare_tasks,
 )
+from tests.helpers.evaluation import boolq_records, make_model, make_tokenizer, math_records, write_task
 
 N_BOOLQ, N_MATH = 6, 4
 

@@ -2,7 +2,7 @@
 for huge activations; the NaN/Inf guard stops a run before a bad update and keeps the last
 good checkpoint (here: an Inf gradient behind a finite loss, under bf16 autocast).
 
-The NaN-loss case of the guard is in test_train_loop.py; this file does not repeat it.
+The NaN-loss case of the guard is in tests/training/test_trainer.py; this file does not repeat it.
 """
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from train_helpers import adapter_tensors, config, make_workspace, max_abs_diff, one_thread
 
 from perft.adapters import AdapterRouter
 from perft.errors import PerftError
+from tests.helpers.training import adapter_tensors, config, make_workspace, max_abs_diff, one_thread
 
 
 def router(num_experts: int = 4, hidden: int = 16, top_k: int = 2, seed: int = 0) -> AdapterRouter:

@@ -26,10 +26,10 @@ import pytest
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from train_helpers import PYTHON, config, make_workspace, one_thread, subprocess_env
 
 from perft.cli import main
 from perft.errors import PerftError
+from tests.helpers.training import PYTHON, config, make_workspace, one_thread, subprocess_env
 
 # ---------------------------------------------------------------------------- fixtures and helpers
 
@@ -552,7 +552,7 @@ def test_no_unpickling_or_remote_code_in_the_source():
                  "pickle.loads": "pickle", "joblib.load": "pickle", "dill.load": "pickle", "eval": "eval",
                  "exec": "exec", "yaml.load": "unsafe YAML", "yaml.unsafe_load": "unsafe YAML",
                  "yaml.full_load": "unsafe YAML", "np.load": "numpy may unpickle", "numpy.load": "numpy may unpickle"}
-    source = Path(__file__).resolve().parents[1] / "perft"
+    source = Path(__file__).resolve().parents[2] / "perft"
     found, calls = [], 0
     for path in sorted(source.rglob("*.py")):
         for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):

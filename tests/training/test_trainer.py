@@ -8,13 +8,20 @@ import shutil
 
 import pytest
 import torch
-from train_helpers import adapter_tensors, config, make_workspace, max_abs_diff, one_thread, tree_snapshot
 
 from perft import PerftModel
 from perft.cli import main
 from perft.errors import PerftError
 from perft.training import NonFiniteLoss, train
 from perft.training import checkpoint as ckpt
+from tests.helpers.training import (
+    adapter_tensors,
+    config,
+    make_workspace,
+    max_abs_diff,
+    one_thread,
+    tree_snapshot,
+)
 
 
 @pytest.fixture(scope="module")

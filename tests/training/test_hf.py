@@ -6,13 +6,13 @@ import json
 
 import pytest
 import torch
-from train_helpers import adapter_tensors, make_workspace, max_abs_diff, one_thread
 
 from perft import PerftConfig, PerftModel, get_perft_model
 from perft.data.collate import PaddingCollator
 from perft.data.dataset import prepare_data
 from perft.data.prompts import build_prompt
 from perft.loading import load_base_model, load_tokenizer
+from tests.helpers.training import adapter_tensors, make_workspace, max_abs_diff, one_thread
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import json
 
 import pytest
 import torch
-from helpers_eval import make_model, make_tokenizer
+
+from tests.helpers.evaluation import make_model, make_tokenizer
 
 pytest.importorskip("lm_eval")
 
@@ -155,9 +156,8 @@ def test_unknown_lm_eval_task_fails_with_suggestions(setup):
 
 
 def test_cli_runs_local_lm_eval_task_with_the_paper_tasks(setup, tmp_path, capsys):
-    from helpers_eval import boolq_records, write_task
-
     from perft.cli import main
+    from tests.helpers.evaluation import boolq_records, write_task
 
     write_task(tmp_path / "dataset", "boolq", boolq_records(2))
     out = tmp_path / "eval"

@@ -6,7 +6,9 @@ import json
 import subprocess
 
 import pytest
-from train_helpers import (
+
+from perft.training import train
+from tests.helpers.training import (
     PYTHON,
     adapter_tensors,
     config,
@@ -16,8 +18,6 @@ from train_helpers import (
     one_thread,
     subprocess_env,
 )
-
-from perft.training import train
 
 # 42 records - 8 val = 34 train; batch 4 = micro 2 x (2 accumulation on 1 process | 1 on each of 2):
 # the last global batch holds 2 examples, one micro-batch, so rank 1 runs a zero-weight pass there,

@@ -10,11 +10,11 @@ from __future__ import annotations
 import random
 
 import torch
-from helpers_eval import keyword_records, make_model, make_tokenizer, write_task
 
 from perft.data.prompts import build_prompt
 from perft.evaluation import EvalSettings, Evaluation, prepare_tasks, register_task, unregister_task
 from perft.evaluation.tasks import TaskSpec
+from tests.helpers.evaluation import keyword_records, make_model, make_tokenizer, write_task
 
 TASK = TaskSpec(name="warm_cold_test", answer_type="choice", choices=("option1", "option2"),
                 prefill="the correct answer is")

@@ -9,7 +9,10 @@ import subprocess
 import textwrap
 
 import pytest
-from train_helpers import (
+
+from perft.training import checkpoint as ckpt
+from perft.training import train
+from tests.helpers.training import (
     PYTHON,
     adapter_tensors,
     config,
@@ -18,9 +21,6 @@ from train_helpers import (
     one_thread,
     subprocess_env,
 )
-
-from perft.training import checkpoint as ckpt
-from perft.training import train
 
 STEPS = 26  # 52 training records, batch 4, 2 epochs; dropout 0.05 on, so RNG state matters
 

@@ -8,7 +8,6 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from train_helpers import COLOURS, TEMPLATE_WORDS, make_records
 
 from perft.data.collate import PaddingCollator, epoch_order, global_batches, micro_batches_for_rank
 from perft.data.dataset import (
@@ -21,6 +20,7 @@ from perft.data.dataset import (
 )
 from perft.data.prompts import build_prompt
 from perft.errors import PerftError
+from tests.helpers.training import COLOURS, TEMPLATE_WORDS, make_records
 
 
 @pytest.fixture(scope="module")

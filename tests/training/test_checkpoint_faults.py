@@ -25,11 +25,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from train_helpers import PYTHON, config, config_flags, make_workspace, max_abs_diff, subprocess_env
 
 from perft.config import PerftConfig
 from perft.io import load_safetensors
 from perft.training import checkpoint as ckpt
+from tests.helpers.training import PYTHON, config, config_flags, make_workspace, max_abs_diff, subprocess_env
 
 STEPS, SAVE = 12, 2  # 20 training records, batch 4: 5 steps per epoch, so the run crosses two epochs
 

@@ -19,7 +19,7 @@ TEMPLATE_WORDS = (
     "Below is an instruction that describes a task paired with input provides further context Write response "
     "appropriately completes the request ### Instruction Input Response : . ,"
 ).split()
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 
 
 def make_records(n: int, seed: int = 0) -> list[dict[str, str]]:

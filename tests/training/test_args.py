@@ -14,7 +14,7 @@ from perft.cli.train import config_from_args
 from perft.errors import PerftError
 from perft.training import TrainingConfig
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 REQUIRED = {"model": "m", "data": "d.json", "output": "out"}
 
 
