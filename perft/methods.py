@@ -63,8 +63,8 @@ class Method:
         """Attach the adapter saved in `directory` to `base`, for inference (frozen, eval mode)."""
         raise NotImplementedError
 
-    def check_compatible(self, directory: Path, base_config: dict[str, Any], where: str) -> None:
-        """Before loading the base: refuse an adapter made for another base (its `config.json` as a dict)."""
+    def check_compatible(self, directory: Path, base_config: dict[str, Any], model: str) -> None:
+        """Before loading the base `model`: refuse an adapter made for another base (`config.json` as a dict)."""
 
     # ------------------------------------------------------------------ tensors
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
@@ -120,9 +120,6 @@ def method_for_adapter(directory: str | Path) -> Method:
     path = Path(directory)
     if not path.is_dir():
         raise PerftError(f"adapter directory {path} does not exist; pass the folder `perft train` wrote")
-    if not (path / ADAPTER_CONFIG).is_file():
-        raise PerftError(f"no {ADAPTER_CONFIG} in {path}: pass the adapter folder that `perft train` wrote "
-                         "(<run>/adapter) or a checkpoint-N folder")
     for method in _METHODS.values():
         if method.recognises(path):
             return method
@@ -141,7 +138,7 @@ def check_adapter_matches(model: str | Path, adapter: str | Path) -> Method:
     except (OSError, ValueError, RecursionError):
         return method  # the model load reports it
     if isinstance(base, dict):
-        method.check_compatible(Path(adapter), base, where=f"adapter {adapter}, base {model}")
+        method.check_compatible(Path(adapter), base, str(model))
     return method
 
 
@@ -190,22 +187,22 @@ class Perft(Method):
 
         return PerftModel.from_pretrained(base, directory).eval()
 
-    def check_compatible(self, directory: Path, base_config: dict[str, Any], where: str) -> None:
+    def check_compatible(self, directory: Path, base_config: dict[str, Any], model: str) -> None:
         from perft.config import PerftConfig
 
         config = PerftConfig.load(directory)
         if config.model_type and base_config.get("model_type") and config.model_type != base_config["model_type"]:
             raise PerftError(
-                f"{where}: the adapter was trained on a {config.model_type} model "
-                f"({config.base_model_name_or_path}), not on this {base_config['model_type']} model: "
-                "use the base model it was made for"
+                f"adapter {directory} was trained on a {config.model_type} model "
+                f"({config.base_model_name_or_path}), not on this {base_config['model_type']} model {model}: "
+                "use it with the base model it was made for"
             )
         want = (config.base_shapes or {}).get("hidden_size")
         have = base_config.get("hidden_size") or (base_config.get("text_config") or {}).get("hidden_size")
         if want is not None and have is not None and want != have:
             raise PerftError(
-                f"{where}: the adapter was built for hidden_size={want} but the base model has hidden_size={have}: "
-                f"use {config.base_model_name_or_path or 'the base model it was made for'}"
+                f"adapter {directory} was built for hidden_size={want} but {model} has hidden_size={have}: "
+                f"use it with {config.base_model_name_or_path or 'the base model it was made for'}"
             )
 
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:

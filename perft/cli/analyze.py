@@ -119,8 +119,11 @@ def run(args: argparse.Namespace) -> int:
     options.validate()
     # Fail on bad inputs before the (slow) model load.
     prepare_data(args.data, split_by=args.split_by, max_samples=args.max_samples)
+    from perft.methods import check_adapter_matches
+
     for adapter in args.adapter:
         check_adapter_dir(adapter)
+        check_adapter_matches(args.model, adapter)
     if args.checkpoints:
         find_checkpoints(args.checkpoints)
     output = Path(args.output)

@@ -61,38 +61,6 @@ def _where(name_or_path: str) -> str:
     return str(path.resolve()) if path.exists() else str(name_or_path)
 
 
-def _check_adapter_matches(model: str, adapter: str) -> None:
-    """Refuse an adapter made for another base model before the (slow) model load."""
-    directory = Path(adapter)
-    if not directory.is_dir():
-        raise PerftError(f"adapter directory {adapter} does not exist; pass the folder `perft train` wrote")
-    from perft.config import PerftConfig
-
-    config = PerftConfig.load(directory)
-    base_config = Path(model) / "config.json"
-    if not base_config.is_file():
-        return  # a hub name: PerftModel.from_pretrained checks after loading
-    try:
-        base = json.loads(base_config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return  # the model load reports it
-    if not isinstance(base, dict):
-        return
-    if config.model_type and base.get("model_type") and config.model_type != base["model_type"]:
-        raise PerftError(
-            f"adapter {adapter} was trained on a {config.model_type} model "
-            f"({config.base_model_name_or_path}), not on this {base['model_type']} model {model}: "
-            "evaluate it with the base model it was made for"
-        )
-    want = (config.base_shapes or {}).get("hidden_size")
-    have = base.get("hidden_size") or (base.get("text_config") or {}).get("hidden_size")
-    if want is not None and have is not None and want != have:
-        raise PerftError(
-            f"adapter {adapter} was built for hidden_size={want} but {model} has hidden_size={have}: "
-            f"evaluate it with {config.base_model_name_or_path or 'the base model it was made for'}"
-        )
-
-
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
     import torch
 
@@ -100,9 +68,9 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
     if args.adapter:
-        from perft.model import PerftModel
+        from perft.methods import load_adapted
 
-        model = PerftModel.from_pretrained(model, args.adapter)
+        model = load_adapted(model, args.adapter)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if getattr(model, "hf_device_map", None) is None:
         try:
@@ -154,7 +122,9 @@ def run(args: argparse.Namespace) -> int:
         manager = manager_for(lm_tasks, args.lm_eval_include)
         lm_tasks = check_tasks(lm_tasks, manager)
     if args.adapter:
-        _check_adapter_matches(args.model, args.adapter)
+        from perft.methods import check_adapter_matches
+
+        check_adapter_matches(args.model, args.adapter)
     from perft.io import check_writable_dir
 
     check_writable_dir(args.output)
