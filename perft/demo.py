@@ -143,7 +143,7 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
         result = train_method(method, base, tasks / task / "train.json", out / task, cfg, seed)
         if result.adapter_dir is None:
             raise PerftError(f"training {method.name} on {task} ended without an adapter ({result.status})")
-        model = _load_adapted(base, Path(result.adapter_dir), method)
+        model = _load_adapted(base, Path(result.adapter_dir))
         trainable, total = _count_parameters(model, method)
         scores.update(evaluate(model, tokenizer, tasks, out / task / "eval", cfg, tasks=(task,)))
         adapters[task], histories[task] = str(result.adapter_dir), list(result.history)
@@ -151,26 +151,18 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
                         adapters, histories)
 
 
-def _load_adapted(base: Path, adapter: Path, method: Method) -> Any:
+def _load_adapted(base: Path, adapter: Path) -> Any:
     from perft.loading import load_base_model
+    from perft.methods import load_adapted
 
-    model = load_base_model(str(base), dtype="float32")
-    if method.settings.get("method", "perft") == "perft":
-        from perft.model import PerftModel
-
-        return PerftModel.from_pretrained(model, adapter).eval()
-    from peft import PeftModel
-
-    return PeftModel.from_pretrained(model, str(adapter)).eval()
+    return load_adapted(load_base_model(str(base), dtype="float32"), adapter)
 
 
 def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
     """(adapter parameters, all parameters) of a loaded adapted model."""
-    if method.settings.get("method", "perft") == "perft":
-        adapter = sum(v.numel() for v in model.adapter_state_dict().values())
-    else:
-        adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-    return adapter, sum(p.numel() for p in model.parameters())
+    from perft.methods import get_method
+
+    return get_method(method.settings.get("method", "perft")).parameter_count(model)
 
 
 # ---------------------------------------------------------------------------- the demo

@@ -52,12 +52,14 @@ class Method:
         raise NotImplementedError
 
     def owns(self, model: nn.Module) -> bool:
-        """Whether `model` was built by this method (checkpoints dispatch on it)."""
-        return False
+        """Whether `model` was built by this method (checkpoints dispatch on it). By default: the
+        `perft_method` attribute that `build` may set on the model it returns."""
+        return getattr(model, "perft_method", None) == self.name
 
     def recognises(self, directory: Path) -> bool:
-        """Whether the saved adapter in `directory` was written by this method."""
-        return False
+        """Whether the saved adapter in `directory` was written by this method. By default: its
+        adapter_config.json says `"perft_method": <name>`."""
+        return _read_config(directory).get("perft_method") == self.name
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         """Attach the adapter saved in `directory` to `base`, for inference (frozen, eval mode)."""
@@ -68,8 +70,8 @@ class Method:
 
     # ------------------------------------------------------------------ tensors
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
-        """The trained tensors, as saved."""
-        return {n: p for n, p in model.named_parameters() if p.requires_grad}
+        """The trained tensors, as saved (by default: every parameter that requires a gradient)."""
+        return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
         """Copy saved tensors in (a checkpoint being resumed); a mismatch is a `PerftError`."""
@@ -96,6 +98,13 @@ def register_method(cls: type[Method]) -> type[Method]:
     return cls
 
 
+def unregister_method(name: str) -> None:
+    """Forget a registered method (tests that register a toy one clean up with it)."""
+    if name == "perft":
+        raise PerftError("the perft method cannot be unregistered")
+    _METHODS.pop(name, None)
+
+
 def method_names() -> tuple[str, ...]:
     return tuple(_METHODS)
 
@@ -120,8 +129,8 @@ def method_for_adapter(directory: str | Path) -> Method:
     path = Path(directory)
     if not path.is_dir():
         raise PerftError(f"adapter directory {path} does not exist; pass the folder `perft train` wrote")
-    for method in _METHODS.values():
-        if method.recognises(path):
+    for method in reversed(_METHODS.values()):  # the latest registration wins; PERFT is the fallback
+        if method is not _METHODS["perft"] and method.recognises(path):
             return method
     return get_method("perft")  # PerftConfig.load names what is wrong with the file
 
@@ -242,8 +251,7 @@ class PeftLora(Method):
     def recognises(self, directory: Path) -> bool:
         if not _is_peft_adapter(directory):
             return False
-        config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
-        return ("experts" if config.get("target_parameters") else "attention") == self.target
+        return ("experts" if _read_config(directory).get("target_parameters") else "attention") == self.target
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
         from peft import PeftModel
@@ -293,12 +301,16 @@ class LoraExperts(PeftLora):
             )
 
 
-def _is_peft_adapter(directory: Path) -> bool:
+def _read_config(directory: Path) -> dict[str, Any]:
     try:
         config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
     except (OSError, ValueError, RecursionError):
-        return False
-    return isinstance(config, dict) and "peft_type" in config
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _is_peft_adapter(directory: Path) -> bool:
+    return "peft_type" in _read_config(directory)
 
 
 def _lora_target(config: Any) -> str:
