@@ -16,6 +16,9 @@ from typing import Any, Literal
 
 from perft.errors import PerftError
 
+# The shipped tiny suites' files (written by perft.tiny.tasks; read here without importing the demo model)
+SHIPPED_TASK_DIR = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "dataset"
+
 AnswerType = Literal["choice", "number"]
 
 #: What the paper pre-fills the response of every commonsense task with.
@@ -238,17 +241,12 @@ def load_task_file(path: str | Path, *, name: str | None = None) -> TaskSpec:
 
 
 def _shipped_suite(name: str) -> TaskSpec | None:
-    """The project's own small suites (perft.tiny) describe themselves; use that when present."""
-    try:
-        from perft.tiny.tasks import task_info
-    except ImportError:
+    """The project's own small suites (perft.tiny) describe themselves in shipped sidecars; use those."""
+    sidecar = SHIPPED_TASK_DIR / name / SIDECAR_NAME
+    if not sidecar.is_file():
         return None
     try:
-        info = dict(task_info(name))
-    except (ValueError, KeyError):
-        return None
-    try:
-        return task_from_dict(info, name=name, source=f"shipped task {name}")
+        return load_task_file(sidecar, name=name)
     except PerftError:
         return None
 

@@ -33,6 +33,7 @@ from perft.tiny.world import (
     World,
     relation_values,
     sample_problem,
+    split_facts,
 )
 
 DOMAINS = ("world", "commonsense", "arithmetic", "sequences", "records")
@@ -392,8 +393,6 @@ def iter_documents(
     """
     world = world or World()
     if choice_facts is None:
-        from perft.tiny.tasks import split_facts
-
         choice_facts = split_facts(world)[0]
     exclude = frozenset(exclude)
     mixture = mixture or DEFAULT_MIXTURE

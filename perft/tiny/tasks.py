@@ -25,13 +25,21 @@ from pathlib import Path
 from typing import Any
 
 from perft.io import atomic_write_text
-from perft.tiny.world import MATH_OPS, Problem, World, relation_values, sample_problem
+from perft.tiny.corpus import choice_head
+from perft.tiny.world import (  # noqa: F401 - TASK_SEED, TEST_FACT_SHARE, split_facts: part of this module's API
+    MATH_OPS,
+    TASK_SEED,
+    TEST_FACT_SHARE,
+    Problem,
+    World,
+    relation_values,
+    sample_problem,
+    split_facts,
+)
 
 TASKS = ("tiny_commonsense", "tiny_math")
-TASK_SEED = 2024
 NUM_OPTIONS = 3
 SIZES = {"tiny_commonsense": (2000, 240), "tiny_math": (2000, 240)}  # (train, test)
-TEST_FACT_SHARE = 0.3
 
 _MC_QUESTIONS = {
     ("person", "town"): ("Which town does {s} live in?", "Where is the home of {s}?"),
@@ -70,19 +78,6 @@ def task_info(task: str) -> dict[str, Any]:
 def answer_values() -> list[str]:
     """Every value of every relation the multiple-choice questions ask about, sorted."""
     return sorted({v for kind, relation in _MC_QUESTIONS for v in relation_values(kind, relation)})
-
-
-def split_facts(world: World, seed: int = TASK_SEED) -> tuple[list[tuple], list[tuple]]:
-    """Split the world's facts into (train facts, test facts), disjoint, stratified by kind."""
-    rng = random.Random(f"facts-{seed}")
-    train, test = [], []
-    for kind in ("person", "town", "common"):
-        facts = [f for f in world.facts() if f[0] == kind]
-        rng.shuffle(facts)
-        cut = max(1, round(len(facts) * TEST_FACT_SHARE))
-        test += facts[:cut]
-        train += facts[cut:]
-    return train, test
 
 
 def mc_record(
@@ -221,8 +216,6 @@ def check_no_leak(
     for record in (r for t in tasks.values() for split in t.values() for r in split):
         if not any(m in record["instruction"] + record["output"] for m in markers):  # pragma: no cover
             raise AssertionError(f"task record without a format marker: {record['instruction'][:80]!r}")
-    from perft.tiny.corpus import choice_head
-
     test_heads = {choice_head(*fact[:3]) + ":" for fact in split_facts(World(), seed)[1]}
     for text in texts:
         for marker in markers:

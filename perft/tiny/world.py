@@ -12,6 +12,8 @@ import random
 from dataclasses import dataclass, field
 
 WORLD_SEED = 1234
+TASK_SEED = 2024  # the seed of the shipped tasks' splits
+TEST_FACT_SHARE = 0.3  # share of each kind of fact held out for the test split
 
 NAMES = (
     "Ada", "Ben", "Cara", "Dan", "Eva", "Finn", "Gus", "Hana", "Ivo", "Jade", "Kai", "Lena",
@@ -170,3 +172,16 @@ def relation_values(kind: str, relation: str) -> list[str]:
     if kind == "town":
         return list(TOWN_ATTRIBUTES[relation])
     return sorted({v for r, _, v in COMMON_FACTS if r == relation})
+
+
+def split_facts(world: World, seed: int = TASK_SEED) -> tuple[list[tuple], list[tuple]]:
+    """Split the world's facts into (train facts, test facts), disjoint, stratified by kind."""
+    rng = random.Random(f"facts-{seed}")
+    train, test = [], []
+    for kind in ("person", "town", "common"):
+        facts = [f for f in world.facts() if f[0] == kind]
+        rng.shuffle(facts)
+        cut = max(1, round(len(facts) * TEST_FACT_SHARE))
+        test += facts[:cut]
+        train += facts[cut:]
+    return train, test
