@@ -10,6 +10,7 @@ settings come from `TrainingConfig` (see docs/extending.md, "Adding a method").
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -231,9 +232,16 @@ class PeftLora(Method):
     target: ClassVar[str] = ""
 
     def validate(self, cfg: TrainingConfig) -> None:
-        from perft.training.args import check_lora_settings
-
-        check_lora_settings(cfg)
+        rank, alpha, dropout = cfg.rank, cfg.alpha, cfg.dropout
+        if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+            raise PerftError(f"rank must be an integer >= 1, got {rank!r}")
+        if rank > 2**31 - 1:
+            raise PerftError(f"rank must be an integer <= {2**31 - 1}, got {rank!r}")
+        if alpha is not None and not (isinstance(alpha, (int, float)) and not isinstance(alpha, bool)
+                                      and math.isfinite(alpha) and alpha > 0):
+            raise PerftError(f"alpha must be a finite number > 0, got {alpha!r}")
+        if not (isinstance(dropout, float) and 0 <= dropout < 1):
+            raise PerftError(f"dropout must be a number in [0, 1), got {dropout!r}")
 
     def describe(self, cfg: TrainingConfig) -> str:
         return f"LoRA baseline {self.name} (r={cfg.rank})"

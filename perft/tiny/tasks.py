@@ -241,6 +241,5 @@ def write_task_files(directory: str | Path, seed: int = TASK_SEED) -> Path:
 if __name__ == "__main__":  # python -m perft.tiny.tasks [DIR]: regenerate the shipped task files
     import sys
 
-    from perft.tiny import SHIPPED_TASKS
-
-    print(write_task_files(sys.argv[1] if len(sys.argv) > 1 else SHIPPED_TASKS))
+    shipped = Path(__file__).resolve().parents[1] / "assets" / "tasks" / "dataset"  # perft.tiny.SHIPPED_TASKS
+    print(write_task_files(sys.argv[1] if len(sys.argv) > 1 else shipped))

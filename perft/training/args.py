@@ -320,12 +320,3 @@ def _number(cfg: TrainingConfig, name: str, positive: bool = False) -> None:
     ok = ok and (value > 0 if positive else value >= 0)
     if not ok:
         raise PerftError(f"{name} must be a finite number {'> 0' if positive else '>= 0'}, got {value!r}")
-
-
-def check_lora_settings(cfg: TrainingConfig) -> None:
-    """rank, alpha and dropout of a LoRA-like method (PERFT checks its own in PerftConfig)."""
-    _int(cfg, "rank", 1)
-    if cfg.alpha is not None:
-        _number(cfg, "alpha", positive=True)
-    if not (isinstance(cfg.dropout, float) and 0 <= cfg.dropout < 1):
-        raise PerftError(f"dropout must be a number in [0, 1), got {cfg.dropout!r}")
