@@ -22,8 +22,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import ALL_METHODS, DTYPES, Method  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
+from models import ALL_METHODS, DTYPES, Method  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -47,13 +48,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
-    base, desc = common.base_for(target, dtype, quick=args.quick, backend=args.backend, causal_lm=True)
+    base, desc = models.base_for(target, dtype, quick=args.quick, backend=args.backend, causal_lm=True)
     gen = torch.Generator().manual_seed(7)
     ids = torch.randint(3, base.config.vocab_size, (1, args.prompt), generator=gen)
     methods: dict[str, Method] = {}
     r_params = None
     for name in sorted(args.methods, key=lambda n: n != "perft-r"):
-        methods[name] = common.build_method(name, base, perft_r_params=r_params)
+        methods[name] = models.build_method(name, base, perft_r_params=r_params)
         if name == "perft-r":
             r_params = methods[name].trainable
     methods = {n: methods[n] for n in args.methods}
@@ -72,11 +73,11 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
         return run
 
     fns = {n: runner(n, m) for n, m in methods.items()}
-    times = common.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
+    times = measure.interleaved(fns, warmup=args.warmup, repeats=args.repeats)
     result = {"target": target, "dtype": dtype_name, "description": desc, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "backend": args.backend, "methods": {}}
     for n, m in methods.items():
-        cpu, wall = common.median(times["cpu"][n]), common.median(times["wall"][n])
+        cpu, wall = measure.median(times["cpu"][n]), measure.median(times["wall"][n])
         result["methods"][n] = {"trainable": m.trainable, "note": m.note, "generated": lengths.get(n),
                                 "gen_cpu_s": times["cpu"][n], "gen_wall_s": times["wall"][n],
                                 "tokens_per_cpu_s": lengths.get(n, 0) / cpu, "tokens_per_wall_s": lengths.get(n, 0) / wall}
@@ -89,8 +90,8 @@ def render(result: dict[str, Any]) -> str:
     b_wall = ms.get("base", {}).get("tokens_per_wall_s", float("nan"))
     header = ["method", "trainable", "generated", "tokens / CPU s", "/ base", "tokens / wall s", "/ base", "setting"]
     rows = [[n, f"{r['trainable']:,}", str(r["generated"]), f"{r['tokens_per_cpu_s']:.1f}",
-             common.fmt_ratio(r["tokens_per_cpu_s"], b_cpu), f"{r['tokens_per_wall_s']:.1f}",
-             common.fmt_ratio(r["tokens_per_wall_s"], b_wall), "frozen base" if n == "base" else r["note"]]
+             measure.fmt_ratio(r["tokens_per_cpu_s"], b_cpu), f"{r['tokens_per_wall_s']:.1f}",
+             measure.fmt_ratio(r["tokens_per_wall_s"], b_wall), "frozen base" if n == "base" else r["note"]]
             for n, r in ms.items()]
     spread = ""
     if ms.get("base", {}).get("gen_cpu_s"):
@@ -101,11 +102,11 @@ def render(result: dict[str, Any]) -> str:
         spread = f"base generate() over {len(ms['base']['gen_cpu_s'])} repeats: " + ", ".join(parts)
     title = (f"### generation, {result['target']} ({result['description']}), {result['dtype']}, batch 1, "
              f"prompt {result['prompt']}, {result['new_tokens']} new tokens, experts backend {result['backend']}")
-    return f"{title}\n\n{common.markdown_table(header, rows)}\n\n{spread}\n"
+    return f"{title}\n\n{measure.markdown_table(header, rows)}\n\n{spread}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_benchmark("generation.py", "generation", parse_args(argv), argv, run_group, render)
+    return measure.run_benchmark("generation.py", "generation", parse_args(argv), argv, run_group, render)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,8 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
+import machine  # noqa: E402
+import models  # noqa: E402
 
 MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::_grouped_mm", "aten::matmul")
 
@@ -36,7 +37,7 @@ def profile_step(step: Callable[[], None]) -> tuple[Any, float]:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dtype", choices=tuple(common.DTYPES), default="fp32")
+    p.add_argument("--dtype", choices=tuple(models.DTYPES), default="fp32")
     p.add_argument("--methods", nargs="+", default=["perft-r", "loop-r", "perft-e"])
     p.add_argument("--tokens", type=int, default=2048)
     p.add_argument("--threads", type=int, default=1)
@@ -45,9 +46,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="also profile one whole layer step (forward+backward) of these methods, e.g. lora-experts")
     p.add_argument("--quick", action="store_true")
     args = p.parse_args(argv)
-    common.set_threads(args.threads)
-    dtype = common.DTYPES[args.dtype]
-    base, _ = common.base_for("layer", dtype, quick=args.quick, backend="eager")
+    machine.set_threads(args.threads)
+    dtype = models.DTYPES[args.dtype]
+    base, _ = models.base_for("layer", dtype, quick=args.quick, backend="eager")
     hidden = base.config.hidden_size
     tokens = 64 if args.quick else args.tokens
     gen = torch.Generator().manual_seed(99)
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     gy = torch.randn(tokens, hidden, generator=gen).to(dtype)
     print(f"# adapter profile ({' '.join(sys.argv[1:])}): {tokens} tokens, {args.dtype}, threads {args.threads}")
     for name in args.methods:
-        method = common.build_method(name, base)
+        method = models.build_method(name, base)
         path, layer = next(iter(method.model.perft_layers.items()))
         block = method.model.base_model.get_submodule(path)
         with torch.no_grad():
@@ -74,9 +75,9 @@ def main(argv: list[str] | None = None) -> int:
               f"{100 * mm / max(total, 1):.0f}% in matrix products")
         print(averages.table(sort_by="self_cpu_time_total", row_limit=args.rows))
     embeds, grad = x0.unsqueeze(0), gy.unsqueeze(0)
-    r_params = common.build_method("perft-r", base).trainable if args.step_methods else None
+    r_params = models.build_method("perft-r", base).trainable if args.step_methods else None
     for name in args.step_methods:
-        method = common.build_method(name, base, perft_r_params=r_params)
+        method = models.build_method(name, base, perft_r_params=r_params)
         model = method.model.train()
         params = [q for q in model.parameters() if q.requires_grad]
 

@@ -4,7 +4,7 @@ Compared side by side in one process, interleaved (every repeat runs every metho
 rotating order), median of repeats after warm-up:
 
   base          the frozen model alone, gradients to the inputs only (the floor of any adapter)
-  perft-r/e/d/s PERFT with the paper's typical settings (see common.PERFT_SETTINGS)
+  perft-r/e/d/s PERFT with the paper's typical settings (see models.PERFT_SETTINGS)
   lora-qv       PEFT LoRA on attention q,v at about PERFT-R's trainable-parameter count
   lora-experts  PEFT LoRA on the fused expert tensors (`target_parameters`), same budget
   loop-r        PERFT-R computed by a per-expert Python loop (index, compute, index_add_)
@@ -12,7 +12,7 @@ rotating order), median of repeats after warm-up:
 Targets: `layer` (one decoder layer with OLMoE-1B-7B's shapes, random weights, a 1-layer
 `OlmoeModel` fed `inputs_embeds`) and `small` (the embedded small model, or the same recipe
 with random weights if it has not been built). Peak memory is measured in the warm-up round
-(see `common.peak_step_bytes`); the adapter part is timed in isolation on one layer.
+(see `measure.peak_step_bytes`); the adapter part is timed in isolation on one layer.
 
     .venv/bin/python benchmarks/step_time.py --target layer --dtype fp32
     .venv/bin/python benchmarks/step_time.py --quick        # seconds; shapes too small to mean anything
@@ -31,8 +31,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import ALL_METHODS, DTYPES, EXTRA_METHODS, PERFT_LIKE, Method  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
+from models import ALL_METHODS, DTYPES, EXTRA_METHODS, PERFT_LIKE, Method  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -136,12 +137,12 @@ def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, re
 
         train_fns[name], infer_fns[name] = train, infer
     result: dict[str, dict] = {n: {} for n in perft}
-    train_t = common.interleaved(train_fns, warmup=1, repeats=repeats)
-    infer_t = common.interleaved(infer_fns, warmup=2, repeats=repeats * 3)
+    train_t = measure.interleaved(train_fns, warmup=1, repeats=repeats)
+    infer_t = measure.interleaved(infer_fns, warmup=2, repeats=repeats * 3)
     for n in perft:
-        result[n]["train_ms"] = common.median(train_t["cpu"][n]) * 1e3
-        result[n]["train_wall_ms"] = common.median(train_t["wall"][n]) * 1e3
-        result[n]["infer_1tok_us"] = common.median(infer_t["cpu"][n]) / 20 * 1e6
+        result[n]["train_ms"] = measure.median(train_t["cpu"][n]) * 1e3
+        result[n]["train_wall_ms"] = measure.median(train_t["wall"][n]) * 1e3
+        result[n]["infer_1tok_us"] = measure.median(infer_t["cpu"][n]) / 20 * 1e6
     if "perft-r" in perft and "loop-r" in perft:  # the reference computes the same function
         with torch.no_grad():
             a = next(iter(perft["perft-r"].model.perft_layers.values())).delta(x0[:256])
@@ -154,13 +155,13 @@ def adapter_part(methods: dict[str, Method], tokens: int, dtype: torch.dtype, re
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     dtype = DTYPES[dtype_name]
     t0 = time.time()
-    base, desc = common.base_for(target, dtype, quick=args.quick, backend=args.backend)
+    base, desc = models.base_for(target, dtype, quick=args.quick, backend=args.backend)
     inputs = build_inputs(target, base, args.tokens, args.seq_len, dtype)
     methods: dict[str, Method] = {}
     r_params = None
     order = sorted(args.methods, key=lambda n: n != "perft-r")  # perft-r first: its size sets the LoRA ranks
     for name in order:
-        methods[name] = common.build_method(name, base, perft_r_params=r_params)
+        methods[name] = models.build_method(name, base, perft_r_params=r_params)
         if name == "perft-r":
             r_params = methods[name].trainable
     methods = {n: methods[n] for n in args.methods}
@@ -171,11 +172,11 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
 
     def warm(name: str, rnd: int) -> None:
         if rnd == 0 and not args.no_memory:
-            memory[name] = common.peak_step_bytes(steps[name])
+            memory[name] = measure.peak_step_bytes(steps[name])
         else:
             steps[name]()
 
-    times = common.interleaved(steps, warmup=args.warmup, repeats=args.repeats, on_warmup=warm)
+    times = measure.interleaved(steps, warmup=args.warmup, repeats=args.repeats, on_warmup=warm)
     part = adapter_part(methods, args.tokens, dtype, args.adapter_repeats)
     result = {
         "target": target, "dtype": dtype_name, "description": desc, "tokens": args.tokens,
@@ -184,8 +185,8 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
     for n, m in methods.items():
         result["methods"][n] = {
             "trainable": m.trainable, "note": m.note,
-            "step_cpu_s": times["cpu"][n], "step_cpu_median_s": common.median(times["cpu"][n]),
-            "step_wall_s": times["wall"][n], "step_wall_median_s": common.median(times["wall"][n]),
+            "step_cpu_s": times["cpu"][n], "step_cpu_median_s": measure.median(times["cpu"][n]),
+            "step_wall_s": times["wall"][n], "step_wall_median_s": measure.median(times["wall"][n]),
             "peak_step_bytes": memory.get(n), **part.get(n, {}),
         }
     return result
@@ -205,12 +206,12 @@ def render(result: dict[str, Any]) -> str:
         mem = r.get("peak_step_bytes")
         train = r.get("train_ms")
         rows.append([
-            n, f"{r['trainable']:,}", f"{cpu * 1e3:.0f}", common.fmt_ratio(cpu, b_cpu),
+            n, f"{r['trainable']:,}", f"{cpu * 1e3:.0f}", measure.fmt_ratio(cpu, b_cpu),
             "-" if n == "base" else f"{(cpu - b_cpu) * 1e3:+.0f}",
-            f"{wall * 1e3:.0f}", common.fmt_ratio(wall, b_wall),
-            "-" if mem is None else f"{mem / 2**20:.1f}", "-" if mem is None else common.fmt_ratio(mem, b_mem),
+            f"{wall * 1e3:.0f}", measure.fmt_ratio(wall, b_wall),
+            "-" if mem is None else f"{mem / 2**20:.1f}", "-" if mem is None else measure.fmt_ratio(mem, b_mem),
             "-" if train is None else f"{train:.1f}",
-            "-" if train is None else common.fmt_ratio(loop, train),
+            "-" if train is None else measure.fmt_ratio(loop, train),
             "-" if r.get("infer_1tok_us") is None else f"{r['infer_1tok_us']:.0f}",
             r["note"],
         ])
@@ -227,11 +228,11 @@ def render(result: dict[str, Any]) -> str:
     extra = ""
     if "max_abs_diff_vs_perft_r" in ms.get("loop-r", {}):
         extra = f"\nloop-r vs perft-r adapter output, max |diff|: {ms['loop-r']['max_abs_diff_vs_perft_r']:.2e}"
-    return f"{title}\n\n{common.markdown_table(header, rows)}\n\n{spread}{extra}\n"
+    return f"{title}\n\n{measure.markdown_table(header, rows)}\n\n{spread}{extra}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_benchmark("step_time.py", "step time", parse_args(argv), argv, run_group, render)
+    return measure.run_benchmark("step_time.py", "step time", parse_args(argv), argv, run_group, render)
 
 
 if __name__ == "__main__":
