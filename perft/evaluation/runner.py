@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from perft.data.dataset import load_records
 from perft.data.prompts import build_prompt, response_of
 from perft.errors import PerftError
 from perft.evaluation.extraction import extract, is_correct, parse_gold_number
@@ -72,30 +73,6 @@ class TaskData:
         return list(self.spec.choices)
 
 
-def _read_records(path: Path) -> list[Any]:
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as err:
-        raise PerftError(f"cannot read {path}: {err}") from None
-    except UnicodeDecodeError as err:
-        raise PerftError(f"{path} is not UTF-8 text ({err}); re-save it as UTF-8") from None
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError:
-        # Also accept JSON Lines.
-        try:
-            data = [json.loads(line) for line in text.splitlines() if line.strip()]
-        except (ValueError, RecursionError) as err:
-            raise PerftError(f"{path} is neither a JSON list nor JSON Lines ({err}); fix the file") from None
-    except (ValueError, RecursionError) as err:  # absurd numbers or nesting
-        raise PerftError(f"{path} is not a usable JSON file ({err}); fix the file") from None
-    if isinstance(data, dict) and isinstance(data.get("data"), list):
-        data = data["data"]
-    if not isinstance(data, list):
-        raise PerftError(f"{path} must hold a JSON list of records with 'instruction' and 'answer'")
-    return data
-
-
 def _record_problem(spec: TaskSpec, record: Any) -> str | None:
     if not isinstance(record, dict):
         return "is not a JSON object"
@@ -135,7 +112,7 @@ def load_task_data(
             f"no test file for task {spec.name}: looked for {path}; "
             f"put the LLM-Adapters file there or point --data-dir at the folder holding {spec.name}/{TEST_FILE}"
         )
-    raw = _read_records(path)
+    raw = load_records(path)
     if not raw:
         raise PerftError(f"{path} holds no records")
     problems = [(i, p) for i, rec in enumerate(raw) if (p := _record_problem(spec, rec)) is not None]

@@ -439,7 +439,8 @@ CASES: dict[str, Callable[[Env, Path], Case]] = {
         e, t, {"answer_type": "choice", "choices": ["red", "blue"]}, "is not UTF-8 text",
         test=b'[{"instruction": "caf\xe9", "answer": "red"}]'),
     "eval_test_file_nested_100k_deep": lambda e, t: task_case(
-        e, t, {"answer_type": "choice", "choices": ["red", "blue"]}, "is not a usable JSON file", test=DEEP.encode()),
+        e, t, {"answer_type": "choice", "choices": ["red", "blue"]}, "is not a usable JSON data file",
+        test=DEEP.encode()),
     "eval_task_file_not_utf8": lambda e, t: task_case(e, t, b'{"answer_type": "caf\xe9"}', "cannot read task file"),
     "eval_task_name_escapes_the_output": lambda e, t: task_case(
         e, t, {"name": "../escaped", "answer_type": "choice", "choices": ["red", "blue"]},

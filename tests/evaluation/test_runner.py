@@ -216,7 +216,7 @@ def test_bad_inputs_name_the_problem(tmp_path):
     (tmp_path / "broken").mkdir()
     (tmp_path / "broken" / "test.json").write_text('{"a": 1}')
     (tmp_path / "broken" / "task.json").write_text('{"answer_type": "number"}')
-    with pytest.raises(PerftError, match="must hold a JSON list"):
+    with pytest.raises(PerftError, match="holds a JSON object, not a list of records"):
         prepare_tasks(["broken"], tmp_path)
 
 
