@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("--model", help="base model: a local folder or a hub name")
-    parser.add_argument("--adapter", help="PERFT adapter folder (from `perft train`); omit to evaluate the base model")
+    parser.add_argument("--adapter", help="PERFT adapter folder, or a `perft train` run folder (its adapter/ is used); "
+                        "omit to evaluate the base model")
     parser.add_argument("--tasks", default="", help="comma-separated tasks, e.g. boolq,piqa or gsm8k,AQuA")
     parser.add_argument("--data-dir", default="dataset", help="folder holding <task>/test.json (default: dataset)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (perft's, transformers' and lm-eval's)")
     parser.set_defaults(func=run)
 
 
@@ -59,38 +60,6 @@ def _where(name_or_path: str) -> str:
     """A local path in absolute form (so `./m` and `m` resume the same run); a hub name as given."""
     path = Path(name_or_path)
     return str(path.resolve()) if path.exists() else str(name_or_path)
-
-
-def _check_adapter_matches(model: str, adapter: str) -> None:
-    """Refuse an adapter made for another base model before the (slow) model load."""
-    directory = Path(adapter)
-    if not directory.is_dir():
-        raise PerftError(f"adapter directory {adapter} does not exist; pass the folder `perft train` wrote")
-    from perft.config import PerftConfig
-
-    config = PerftConfig.load(directory)
-    base_config = Path(model) / "config.json"
-    if not base_config.is_file():
-        return  # a hub name: PerftModel.from_pretrained checks after loading
-    try:
-        base = json.loads(base_config.read_text(encoding="utf-8"))
-    except (OSError, ValueError, RecursionError):
-        return  # the model load reports it
-    if not isinstance(base, dict):
-        return
-    if config.model_type and base.get("model_type") and config.model_type != base["model_type"]:
-        raise PerftError(
-            f"adapter {adapter} was trained on a {config.model_type} model "
-            f"({config.base_model_name_or_path}), not on this {base['model_type']} model {model}: "
-            "evaluate it with the base model it was made for"
-        )
-    want = (config.base_shapes or {}).get("hidden_size")
-    have = base.get("hidden_size") or (base.get("text_config") or {}).get("hidden_size")
-    if want is not None and have is not None and want != have:
-        raise PerftError(
-            f"adapter {adapter} was built for hidden_size={want} but {model} has hidden_size={have}: "
-            f"evaluate it with {config.base_model_name_or_path or 'the base model it was made for'}"
-        )
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
@@ -136,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         raise PerftError("--greedy and --num-beams contradict each other; pass only one of them")
 
     # ---- every check before the model load
+    if args.adapter:
+        from perft.evaluation.adapter_dirs import resolve_adapter_dir
+
+        args.adapter = resolve_adapter_dir(args.adapter)
     evaluation = None
     if tasks:
         settings = EvalSettings(
@@ -154,7 +127,9 @@ def run(args: argparse.Namespace) -> int:
         manager = manager_for(lm_tasks, args.lm_eval_include)
         lm_tasks = check_tasks(lm_tasks, manager)
     if args.adapter:
-        _check_adapter_matches(args.model, args.adapter)
+        from perft.evaluation.adapter_dirs import check_adapter_matches
+
+        check_adapter_matches(args.model, args.adapter)
     from perft.io import check_writable_dir
 
     check_writable_dir(args.output)
@@ -185,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.max_samples,
             num_fewshot=args.lm_eval_fewshot,
             manager=manager,
+            progress=not args.no_progress,
         )
         keep = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "n-samples") if k in results}
         atomic_write_text(
