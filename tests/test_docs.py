@@ -26,6 +26,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,8 @@ TINY_OVERRIDES = {"model": str(TINY_MODEL), "data": str(TASKS / "tiny_math" / "t
 # (pattern, replacement) applied in order to the text of a `tiny` block.
 TINY_RULES: list[tuple[str, str]] = [
     (r"allenai/OLMoE-1B-7B-0924|path/to/OLMoE-1B-7B", str(TINY_MODEL)),
-    (r"\S*commonsense_170k\.json", str(TASKS / "tiny_commonsense" / "train.json")),
-    (r"\S*math_50k\.json", str(TASKS / "tiny_math" / "train.json")),
+    (r"[\w./-]*commonsense_170k\.json", str(TASKS / "tiny_commonsense" / "train.json")),
+    (r"[\w./-]*math_50k\.json", str(TASKS / "tiny_math" / "train.json")),
     (r"--tasks boolq\S*", "--tasks tiny_commonsense"),
     (r"--tasks gsm8k\S*", "--tasks tiny_math"),
     (r"--data-dir \S+", f"--data-dir {TASKS}"),
@@ -199,8 +200,9 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     namespace: dict = {"__name__": "__doc_test__"}
     for block in blocks:
+        started = time.perf_counter()
         run_block(block, tmp_path, namespace)
-    print(f"\n{doc.name}: {len(blocks)} blocks ran")
+        print(f"{block.where} ({block.mode}): {time.perf_counter() - started:.1f} s")
 
 
 if __name__ == "__main__":
