@@ -54,6 +54,17 @@ TRANSFORMERS_ALIASES = {
     "lora_alpha": "alpha",
     "lora_dropout": "dropout",
 }
+# transformers' names with no one-to-one field here, and what to write instead.
+TRANSFORMERS_INSTEAD = {
+    "eval_strategy": "evaluation runs every eval_steps steps: set eval_steps",
+    "evaluation_strategy": "evaluation runs every eval_steps steps: set eval_steps",
+    "save_strategy": "checkpoints are written every save_steps steps: set save_steps",
+    "logging_strategy": "training metrics are logged every logging_steps steps: set logging_steps",
+    "fp16": "perft trains in fp32 or with bf16 autocast: set bf16 (auto, true or false)",
+    "optim": "perft uses AdamW: set lr, weight_decay, adam_beta1, adam_beta2, adam_epsilon",
+    "resume_from_checkpoint": "set resume (latest, auto or a checkpoint folder)",
+    "logging_dir": "logs go to <output>/logs: set output",
+}
 # Names that are the same in both (warmup_steps, weight_decay, max_grad_norm, adam_beta1/2,
 # adam_epsilon, max_steps, seed, bf16, gradient_checkpointing, eval_steps, save_steps,
 # save_total_limit, logging_steps, report_to, run_name, overwrite_output_dir) need no alias.
@@ -210,6 +221,9 @@ class TrainingConfig:
         values: dict[str, Any] = {}
         for key, value in data.items():
             name = str(key).replace("-", "_")
+            if name in TRANSFORMERS_INSTEAD:
+                raise PerftError(f"{source} sets transformers' {name!r}, which perft does not take: "
+                                 f"{TRANSFORMERS_INSTEAD[name]}")
             if name not in known:
                 close = difflib.get_close_matches(name, sorted(known | set(TRANSFORMERS_ALIASES)), n=1)
                 hint = f" (did you mean '{close[0]}'?)" if close else ""

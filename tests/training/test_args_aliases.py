@@ -39,5 +39,7 @@ def test_alias_conflicts_and_unmappable_accumulation_are_one_line_errors():
         TrainingConfig.from_dict({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 4, "batch_size": 8})
     with pytest.raises(PerftError, match="gradient_accumulation_steps .* positive integer"):
         TrainingConfig.from_dict({"per_device_train_batch_size": 2, "gradient_accumulation_steps": 0})
+    with pytest.raises(PerftError, match="'eval_strategy', which perft does not take: .* set eval_steps"):
+        TrainingConfig.from_dict({"eval_strategy": "steps"})
     with pytest.raises(PerftError, match="did you mean 'num_train_epochs'"):
         TrainingConfig.from_dict({"num_train_epoch": 3})
