@@ -18,8 +18,13 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# The demo's numbers depend on the thread count and on the CPU kernels torch and MKL pick;
+# these pin both (one thread, AVX2 code paths), so the table is the README's on any x86-64
+# machine with AVX2 and the pinned torch.
+DEMO_ENV = OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 MKL_CBWR=AVX2 ATEN_CPU_CAPABILITY=avx2
+
 demo: $(STAMP)
-	$(VENV)/bin/perft demo
+	$(DEMO_ENV) $(VENV)/bin/perft demo --threads 1
 
 test: $(STAMP)
 	$(PY) -m pytest -q -n 2 --dist loadfile tests

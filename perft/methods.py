@@ -136,10 +136,14 @@ def method_for_adapter(directory: str | Path) -> Method:
     return get_method("perft")  # PerftConfig.load names what is wrong with the file
 
 
-def check_adapter_matches(model: str | Path, adapter: str | Path) -> Method:
+def check_adapter_matches(model: str | Path, adapter: str | Path, command: str = "perft") -> Method:
     """The one pre-load check of every command: refuse an adapter made for another base model before the
-    (slow) model load. Returns the adapter's method. A hub name (no local config.json) is checked after loading."""
+    (slow) model load, and warn in one line when the base it records is another one. Returns the adapter's
+    method. A hub name (no local config.json) is checked after loading."""
+    from perft.evaluation.adapter_dirs import warn_if_other_base
+
     method = method_for_adapter(adapter)
+    warn_if_other_base(model, adapter, command)
     base_config = Path(model) / "config.json"
     if not base_config.is_file():
         return method

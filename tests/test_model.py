@@ -68,6 +68,7 @@ def test_init_noop_train_and_roundtrip(checkpoints, tmp_path, arch, variant, ada
         reference = base(input_ids=data["input_ids"]).logits
     base_state = {k: v.clone() for k, v in base.state_dict().items()}
 
+    torch.manual_seed(0)  # the adapter initialisation
     model = get_perft_model(base, make_config(variant, adapter))
     # 1. an exact no-op at initialisation, in eval and in train mode
     for mode in (False, True):
@@ -151,11 +152,13 @@ def _base_gates(block, x: torch.Tensor, num_experts: int) -> torch.Tensor:
 @pytest.mark.parametrize("arch,variant,adapter", CASES, ids=IDS)
 def test_delta_matches_formula_from_saved_tensors(checkpoints, tmp_path, arch, variant, adapter):
     """Recompute each variant's delta with plain torch from the saved file, following the paper."""
+    torch.manual_seed(0)  # the adapter initialisation
     model = get_perft_model(load(checkpoints[arch]).eval(), make_config(variant, adapter, normalize_top_k=False))
+    generator = torch.Generator().manual_seed(1)
     with torch.no_grad():  # make the adapters non-trivial
         for p in model.parameters():
             if p.requires_grad:
-                p.normal_(0, 0.2)
+                p.normal_(0, 0.2, generator=generator)
     model.save_pretrained(tmp_path)
     tensors = load_file(str(tmp_path / "adapter_model.safetensors"))
     config = json.loads((tmp_path / "adapter_config.json").read_text())
@@ -184,13 +187,16 @@ def test_delta_matches_formula_from_saved_tensors(checkpoints, tmp_path, arch, v
 
 @pytest.mark.parametrize("arch", TINY_ARCHITECTURES)
 def test_generate_with_kv_cache(checkpoints, arch):
+    torch.manual_seed(0)  # the adapter initialisation
     model = get_perft_model(load(checkpoints[arch]).eval(), make_config("routed", "lora"))
+    generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
-                p.normal_(0, 0.3)
+                p.normal_(0, 0.3, generator=generator)
     ids = batch(5)["input_ids"][:, :6]
-    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    # min_new_tokens: all 6 new tokens are compared, whatever the random weights make of EOS.
+    kwargs = dict(max_new_tokens=6, min_new_tokens=6, do_sample=False, pad_token_id=0)
     with torch.no_grad():
         cached = model.generate(input_ids=ids, use_cache=True, **kwargs)
         uncached = model.generate(input_ids=ids, use_cache=False, **kwargs)
@@ -206,6 +212,7 @@ def test_bf16_base_with_fp32_adapters(checkpoints):
     ids = batch()["input_ids"]
     with torch.no_grad():
         reference = base(input_ids=ids).logits
+    torch.manual_seed(0)  # the adapter initialisation
     model = get_perft_model(base, make_config("routed", "lora"))
     layer = next(iter(model.perft_layers.values()))
     assert layer.experts.down.dtype == torch.float32 and layer.router.weight.dtype == torch.float32
@@ -225,10 +232,11 @@ def test_gradient_checkpointing_gives_the_same_gradients(checkpoints, variant):
         torch.manual_seed(0)
         aux = 0.1 if variant == "routed" else 0.0  # the balance loss takes the padding-masked path
         model = get_perft_model(load(checkpoints["olmoe"]), make_config(variant, "lora", router_aux_loss_coef=aux))
+        generator = torch.Generator().manual_seed(1)
         with torch.no_grad():
             for p in model.parameters():
                 if p.requires_grad:
-                    p.normal_(0, 0.1)
+                    p.normal_(0, 0.1, generator=generator)
         if checkpointing:
             model.gradient_checkpointing_enable()
         model.train()

@@ -27,7 +27,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", required=True, help="base model: a local folder or a hub name")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="PERFT adapter folder; repeat to compare runs side by side (none: the base model)")
+                        help="PERFT adapter folder or `perft train` run folder (its adapter/); repeat to compare runs side by side (none: the base model)")
     parser.add_argument("--data", required=True, help="LLM-Adapters JSON records (instruction, input, output)")
     parser.add_argument("--output", required=True, help="output folder (analysis.json, figures/, report.html)")
     parser.add_argument("--split-by", default=None, metavar="FIELD", help="also report statistics per value of FIELD")
@@ -119,11 +119,13 @@ def run(args: argparse.Namespace) -> int:
     options.validate()
     # Fail on bad inputs before the (slow) model load.
     prepare_data(args.data, split_by=args.split_by, max_samples=args.max_samples)
+    from perft.evaluation.adapter_dirs import resolve_adapter_dir
     from perft.methods import check_adapter_matches
 
+    args.adapter = [resolve_adapter_dir(adapter) for adapter in args.adapter]
     for adapter in args.adapter:
         check_adapter_dir(adapter)
-        check_adapter_matches(args.model, adapter)
+        check_adapter_matches(args.model, adapter, command="perft analyze")
     if args.checkpoints:
         find_checkpoints(args.checkpoints)
     output = Path(args.output)

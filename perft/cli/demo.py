@@ -22,7 +22,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lr", type=float, default=None, help="learning rate (default 2e-3)")
     parser.add_argument("--max-steps", type=int, default=None, help="stop each suite's training after N optimiser steps")
     parser.add_argument("--max-eval-samples", type=int, default=None, help="evaluate only the first N per task")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: the numbers depend on it; README.md says when "
+                        "the table reproduces)")
     parser.add_argument("--all-variants", action="store_true", help="PERFT-R/E/D/S and LoRA, each over --seeds")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for --all-variants (comma-separated)")
     parser.add_argument("--results", default=None, help="markdown file for the --all-variants table "

@@ -27,7 +27,8 @@ def register(subparsers: Any) -> None:
         ),
     )
     parser.add_argument("--model", help="base model: a local folder or a hub name")
-    parser.add_argument("--adapter", help="PERFT adapter folder (from `perft train`); omit to evaluate the base model")
+    parser.add_argument("--adapter", help="PERFT adapter folder, or a `perft train` run folder (its adapter/ is used); "
+                        "omit to evaluate the base model")
     parser.add_argument("--tasks", default="", help="comma-separated tasks, e.g. boolq,piqa or gsm8k,AQuA")
     parser.add_argument("--data-dir", default="dataset", help="folder holding <task>/test.json (default: dataset)")
     parser.add_argument("--batch-size", type=int, default=16)
@@ -47,7 +48,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars (perft's, transformers' and lm-eval's)")
     parser.set_defaults(func=run)
 
 
@@ -104,6 +105,10 @@ def run(args: argparse.Namespace) -> int:
         raise PerftError("--greedy and --num-beams contradict each other; pass only one of them")
 
     # ---- every check before the model load
+    if args.adapter:
+        from perft.evaluation.adapter_dirs import resolve_adapter_dir
+
+        args.adapter = resolve_adapter_dir(args.adapter)
     evaluation = None
     if tasks:
         settings = EvalSettings(
@@ -124,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     if args.adapter:
         from perft.methods import check_adapter_matches
 
-        check_adapter_matches(args.model, args.adapter)
+        check_adapter_matches(args.model, args.adapter, command="perft eval")
     from perft.io import check_writable_dir
 
     check_writable_dir(args.output)
@@ -155,6 +160,7 @@ def run(args: argparse.Namespace) -> int:
             limit=args.max_samples,
             num_fewshot=args.lm_eval_fewshot,
             manager=manager,
+            progress=not args.no_progress,
         )
         keep = {k: results[k] for k in ("results", "groups", "configs", "versions", "n-shot", "n-samples") if k in results}
         atomic_write_text(

@@ -13,8 +13,10 @@ lm-eval is an optional dependency (`pip install perft[eval]`).
 
 from __future__ import annotations
 
+import contextlib
 import difflib
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +81,10 @@ class PerftLM(HFLM):
 
             model = load_base_model(str(pretrained), dtype=dtype, trust_remote_code=bool(trust_remote_code))
             if adapter:
+                from perft.evaluation.adapter_dirs import resolve_adapter_dir
                 from perft.model import PerftModel
 
-                model = PerftModel.from_pretrained(model, str(adapter))
+                model = PerftModel.from_pretrained(model, resolve_adapter_dir(adapter))
             model.to(device or _default_device())
             if tokenizer is None or isinstance(tokenizer, (str, Path)):
                 tokenizer = load_tokenizer(str(tokenizer or pretrained), trust_remote_code=bool(trust_remote_code))
@@ -133,6 +136,29 @@ def check_tasks(tasks: Sequence[str], manager: Any) -> list[str]:
     return tasks
 
 
+@contextlib.contextmanager
+def quiet_progress() -> Iterator[None]:
+    """No lm-eval progress bars: lm-eval creates them without a switch (context building, requests),
+    so every `tqdm` its loaded modules imported is swapped for a disabled one while this is active."""
+    from tqdm.std import tqdm as tqdm_class
+
+    def silent(*args: Any, **kwargs: Any) -> Any:
+        kwargs["disable"] = True
+        return tqdm_class(*args, **kwargs)
+
+    swapped = []
+    for name, module in list(sys.modules.items()):
+        bar = getattr(module, "tqdm", None) if name.split(".")[0] == "lm_eval" else None
+        if isinstance(bar, type) and issubclass(bar, tqdm_class):
+            swapped.append((module, bar))
+            module.tqdm = silent
+    try:
+        yield
+    finally:
+        for module, bar in swapped:
+            module.tqdm = bar
+
+
 def evaluate_with_lm_eval(
     model: Any,
     tokenizer: Any,
@@ -146,26 +172,29 @@ def evaluate_with_lm_eval(
     log_samples: bool = False,
     bootstrap_iters: int = 100000,
     manager: Any = None,
+    progress: bool = True,
     **simple_evaluate_kwargs: Any,
 ) -> dict[str, Any]:
     """Run lm-eval's `simple_evaluate` on a model object and return its results dict.
 
-    `manager` reuses a `task_manager(...)` already built (indexing lm-eval's tasks takes seconds).
+    `manager` reuses a `task_manager(...)` already built (indexing lm-eval's tasks takes seconds);
+    `progress=False` shows none of lm-eval's progress bars.
     """
     if manager is None:
         manager = task_manager(include_path, include_defaults=include_defaults)
     tasks = check_tasks(tasks, manager)
     lm = model if isinstance(model, HFLM) else make_lm(model, tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(
-        model=lm,
-        tasks=list(tasks),
-        task_manager=manager,
-        limit=limit,
-        num_fewshot=num_fewshot,
-        log_samples=log_samples,
-        bootstrap_iters=bootstrap_iters,
-        **simple_evaluate_kwargs,
-    )
+    with contextlib.nullcontext() if progress else quiet_progress():
+        results = lm_eval.simple_evaluate(
+            model=lm,
+            tasks=list(tasks),
+            task_manager=manager,
+            limit=limit,
+            num_fewshot=num_fewshot,
+            log_samples=log_samples,
+            bootstrap_iters=bootstrap_iters,
+            **simple_evaluate_kwargs,
+        )
     if results is None:  # non-zero ranks in distributed runs
         return {}
     return dict(results)

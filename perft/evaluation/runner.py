@@ -172,19 +172,41 @@ class EvalSettings:
     def is_paper_protocol(self) -> bool:
         return self.protocol == "generate" and self.decoding.beams == 4 and self.max_new_tokens is None
 
-    def describe(self) -> str:
-        """The label printed above the table, so numbers are never read under the wrong protocol."""
+    def describe(self, specs: Sequence[TaskSpec] = ()) -> str:
+        """The label printed above the table, so numbers are never read under the wrong protocol.
+
+        With the run's task `specs`, it names each task's own token budget and pre-fill (a task
+        of one's own, or a shipped tiny suite, may differ from the paper's 4 / 256).
+        """
         if self.protocol == "loglik":
             return (
                 "loglik: each option's log-probability after the prompt (+ pre-fill); "
                 "acc = highest total, acc_norm = highest per character"
             )
-        tokens = "commonsense 4 / arithmetic 256" if self.max_new_tokens is None else str(self.max_new_tokens)
+        if self.max_new_tokens is not None:
+            tokens = str(self.max_new_tokens)
+        elif specs:
+            tokens = _grouped({spec.name: str(spec.max_new_tokens) for spec in specs})
+        else:
+            tokens = "commonsense 4 / arithmetic 256"
+        if specs:
+            prefills = {spec.name: json.dumps(spec.prefill) for spec in specs if spec.prefill}
+            prefill = f"pre-fill {_grouped(prefills)}" if prefills else "no pre-fill"
+        else:
+            prefill = 'commonsense pre-fill "the correct answer is"'
         label = (
-            f"generate: training prompt, commonsense pre-fill \"the correct answer is\", "
+            f"generate: training prompt, {prefill}, "
             f"{self.decoding.describe()}, new tokens: {tokens}, rule-based answer extraction"
         )
         return label + (" (the paper's protocol)" if self.is_paper_protocol() else " (differs from the paper's protocol)")
+
+
+def _grouped(values: dict[str, str]) -> str:
+    """{"boolq": "4", "piqa": "4", "gsm8k": "256"} -> "4 (boolq, piqa), 256 (gsm8k)"; one task: "8 (name)"."""
+    groups: dict[str, list[str]] = {}
+    for name, value in values.items():
+        groups.setdefault(value, []).append(name)
+    return ", ".join(f"{value} ({', '.join(names)})" for value, names in groups.items())
 
 
 def _metric_names(protocol: str) -> list[str]:
@@ -385,7 +407,7 @@ class Evaluation:
             average[metric] = sum(values) / len(values) if values else None
         return {
             "protocol": self.settings.protocol,
-            "protocol_description": self.settings.describe(),
+            "protocol_description": self.settings.describe([task.spec for task in self.tasks]),
             "settings": {**asdict(self.settings), **self.settings.fingerprint()},
             **self.run_info,
             "metrics": metrics,

@@ -164,8 +164,10 @@ def test_cli_runs_local_lm_eval_task_with_the_paper_tasks(setup, tmp_path, capsy
     code = main(["eval", "--model", str(setup["model_dir"]), "--tasks", "boolq", "--data-dir",
                  str(tmp_path / "dataset"), "--lm-eval-tasks", "perft_local_mc", "--lm-eval-include",
                  str(setup["tasks"]), "--output", str(out), "--max-samples", "3", "--no-progress"])
-    printed = capsys.readouterr().out
+    captured = capsys.readouterr()
+    printed = captured.out
     assert code == 0 and "protocol: generate" in printed and "perft_local_mc" in printed
+    assert "%|" not in captured.err, captured.err  # --no-progress: no bar, lm-eval's included
     saved = json.loads((out / "lm_eval_results.json").read_text())
     assert saved["n-samples"]["perft_local_mc"]["effective"] == 3
     assert json.loads((out / "summary.json").read_text())["tasks"]["boolq"]["n"] == 2

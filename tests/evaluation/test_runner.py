@@ -249,7 +249,10 @@ def test_cli_runs_and_compares(world, tmp_path, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["tasks"]["boolq"]["n"] == 2 and summary["model"] == str(world["model_dir"].resolve())
     assert main(["eval", "--compare", str(out), str(out)]) == 0
-    assert capsys.readouterr().out.count("boolq") == 1
+    compared = capsys.readouterr().out.splitlines()
+    assert sum(line.startswith("boolq") for line in compared) == 1  # one row per task
+    # The protocol line states each task's own budget (the --max-new-tokens override here).
+    assert "new tokens: 4," in printed
 
 
 def test_cli_bad_input_is_one_line_before_loading(world, tmp_path, capsys, monkeypatch):

@@ -35,8 +35,8 @@ def test_every_field_has_a_flag_and_flags_override_yaml(tmp_path):
 
 def test_yaml_errors_are_one_line_and_named(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("model: a\nlearning_rate: 1e-4\n")
-    with pytest.raises(PerftError, match="unknown setting 'learning_rate'"):
+    bad.write_text("model: a\nlearning_rat: 1e-4\n")
+    with pytest.raises(PerftError, match="unknown setting 'learning_rat'"):
         TrainingConfig.from_yaml(bad)
     bad.write_text("model: a\nmicro_bach_size: 2\n")
     with pytest.raises(PerftError, match="did you mean 'micro_batch_size'"):
