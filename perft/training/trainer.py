@@ -35,6 +35,7 @@ from perft.data.collate import (
     num_micro_batches,
 )
 from perft.data.dataset import IGNORE_INDEX, PreparedData, prepare_data
+from perft.dropout import keyed_dropout
 from perft.errors import PerftError
 from perft.io import atomic_write_text, check_writable_dir, load_safetensors
 from perft.training import checkpoint as ckpt
@@ -99,6 +100,7 @@ def preflight_model(cfg: TrainingConfig) -> None:
         from perft.loading import first_line
 
         raise PerftError(f"cannot read the config of model {cfg.model!r}: {first_line(err)}") from None
+    cfg.apply_family_defaults(getattr(config, "model_type", None), hasattr(config, "output_router_logits"))
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
@@ -239,7 +241,7 @@ class Trainer:
         tokenizer = self._load_tokenizer()
         data = prepare_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len, val_set_size=cfg.val_set_size,
                             split_seed=cfg.split_seed, train_on_inputs=cfg.train_on_inputs,
-                            max_train_samples=cfg.max_train_samples)
+                            max_train_samples=cfg.max_train_samples, prompt_style=cfg.prompt_style)
         resume_state = self._check_resume_matches(resume_from, data.data_hash) if resume_from else None
 
         from transformers import set_seed
@@ -453,9 +455,12 @@ class Trainer:
         record = self._routed_layers()
         for j in range(per_rank):
             real = j < len(micro)
-            batch = self._examples(micro[j] if real else ordered[:1], self.train_ds)
+            rows = micro[j] if real else ordered[:1]
+            batch = self._examples(rows, self.train_ds)
             last = j == per_rank - 1
-            with no_sync(self.wrapped, enabled=not last):
+            # Dropout masks keyed by (seed, step, sample): the same whatever the micro-batch or process.
+            with no_sync(self.wrapped, enabled=not last), keyed_dropout(
+                    self.model, seed=cfg.seed, step=step, sample_ids=rows, attention_mask=batch["attention_mask"]):
                 for layer in record.values():
                     layer.record_routing = real
                 ce, aux, _ = self._forward(batch)
@@ -582,7 +587,7 @@ class Trainer:
         rounds = math.ceil(len(chunks) / ctx.world_size)
         layers = self._routed_layers()
         saved_counts, self._route_counts = getattr(self, "_route_counts", None), {}
-        ce_sum = count = 0.0
+        ce_sum = aux_sum = count = 0.0
         self.wrapped.eval()
         with torch.no_grad():
             for j in range(rounds):
@@ -590,26 +595,30 @@ class Trainer:
                 batch = self._examples(mine[j] if real else chunks[0], self.val_ds)
                 for layer in layers.values():
                     layer.record_routing = real
-                ce, _, _ = self._forward(batch)
+                ce, aux, _ = self._forward(batch)
                 if real:
                     self._count_routing(layers, batch["attention_mask"])
                     ce_sum += ce.item()
+                    aux_sum += aux.item()
                     count += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
                 for layer in layers.values():
                     layer.record_routing = False
-        ce_sum, count = ctx.all_reduce_sum([ce_sum, count])
+        ce_sum, aux_sum, count = ctx.all_reduce_sum([ce_sum, aux_sum, count])
         val_loss = ce_sum / max(count, 1.0)
+        # The best checkpoint is chosen as the paper's trainer chooses it: by the loss including the
+        # weighted balance terms (averaged over validation batches), not by cross-entropy alone.
+        val_objective = val_loss + aux_sum / max(len(chunks), 1)
         loads = self._take_router_load()
         self._route_counts = saved_counts or {}
-        record: dict[str, Any] = {"step": step, "val_loss": val_loss}
+        record: dict[str, Any] = {"step": step, "val_loss": val_loss, "val_objective": val_objective}
         if loads:
             record.update({f"router_{k}": v for k, v in self.router_summary(loads).items()}, router_load=loads)
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
         ckpt.fault_point("eval", step)
-        improved = count > 0 and (self.best_val is None or val_loss < self.best_val)
+        improved = count > 0 and (self.best_val is None or val_objective < self.best_val)
         if step > 0 and improved:
-            self.best_val, self.best_step = val_loss, step
+            self.best_val, self.best_step = val_objective, step
         self._emit(record)
         message = f"step {step}: val_loss {val_loss:.4f}" + (" (best)" if step > 0 and improved else "")
         if loads and step == 0:
