@@ -53,7 +53,7 @@ class AdapterExperts(nn.Module):
         self.dropout_p = float(dropout)
         self.dropout_site = dropout_at or self.spec.dropout_site
         self.init = init
-        self.dropout_keys: torch.Tensor | None = None  # set by perft.dropout.keyed_dropout
+        self.dropout_keys: Any = None  # a perft.dropout.DropoutKeys, set by keyed_dropout
         self.dropout_salt = 0
         factory = {"dtype": dtype, "device": device}
         self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size, **factory))

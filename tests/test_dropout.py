@@ -7,18 +7,21 @@ import torch
 from train_helpers import adapter_tensors, config, make_workspace, max_abs_diff
 
 from perft.adapters import AdapterExperts
-from perft.dropout import keyed_dropout, keyed_keep_mask, token_keys
+from perft.dropout import DropoutKeys, keyed_dropout
 
 
 def test_masks_follow_the_sample_not_its_batch_or_padding():
-    mask_a = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
-    keys_a = token_keys(7, 3, [11, 5], mask_a).view(2, 5)
-    # sample 11 alone, padded on the left instead of the right: same keys on its real tokens
-    keys_b = token_keys(7, 3, [11], torch.tensor([[0, 1, 1, 1]])).view(1, 4)
-    assert torch.equal(keys_a[0, :3], keys_b[0, 1:])
-    assert not torch.equal(token_keys(7, 4, [11], mask_a[:1])[:3], keys_a[0, :3])  # another step
-    assert not torch.equal(token_keys(8, 3, [11], mask_a[:1])[:3], keys_a[0, :3])  # another seed
-    keep = keyed_keep_mask(token_keys(0, 0, range(64), torch.ones(64, 32)), 0, 256, 0.25, torch.float32)
+    right = DropoutKeys.build(7, 3, [11, 5], torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]]))
+    left_alone = DropoutKeys.build(7, 3, [11], torch.tensor([[0, 1, 1, 1]]))
+    a = right.keep_mask(2, 64, 0.5, torch.float32, torch.device("cpu")).view(2, 5, 64)
+    b = left_alone.keep_mask(2, 64, 0.5, torch.float32, torch.device("cpu")).view(1, 4, 64)
+    assert torch.equal(a[0, :3], b[0, 1:])  # sample 11, padded right among others or left alone
+    assert (a[0, 3:] == 2).all() and (b[0, 0] == 2).all()  # padding keeps everything (scaled by 1 / (1 - p))
+    for other in (DropoutKeys.build(7, 4, [11], torch.ones(1, 3)), DropoutKeys.build(8, 3, [11], torch.ones(1, 3))):
+        assert not torch.equal(other.keep_mask(2, 64, 0.5, torch.float32, torch.device("cpu")), a[0, :3])  # step, seed
+    assert not torch.equal(right.keep_mask(3, 64, 0.5, torch.float32, torch.device("cpu")).view(2, 5, 64), a)  # block
+    keep = DropoutKeys.build(0, 0, range(64), torch.ones(64, 32)).keep_mask(0, 256, 0.25, torch.float32,
+                                                                            torch.device("cpu"))
     assert keep.unique().tolist() == [0.0, pytest.approx(4 / 3)]
     assert (keep == 0).float().mean().item() == pytest.approx(0.25, abs=0.005)  # 524288 draws
 
@@ -32,9 +35,9 @@ def test_hidden_site_masks_differ_per_expert_and_block():
         other.load_state_dict(ex.state_dict())
     x = torch.randn(6, 16)
     with keyed_dropout(model, seed=1, step=0, sample_ids=[0, 1], attention_mask=torch.ones(2, 3)):
-        mask = keyed_keep_mask(ex.dropout_keys, ex.dropout_salt, 32, 0.5, torch.float32).view(6, 4, 8)
+        mask = ex.dropout_keys.keep_mask(ex.dropout_salt, 32, 0.5, torch.float32, x.device).view(6, 4, 8)
         y1, y2, y1_again = ex(x), other(x), ex(x)
-    assert torch.equal(y1, y1_again) and not torch.equal(y1, y2)  # keyed, and salted per block
+    assert torch.equal(y1, y1_again) and not torch.equal(y1, y2)  # keyed, and drawn per block
     assert not torch.equal(mask[:, 0], mask[:, 1])  # each expert draws its own
     with torch.no_grad():
         h = torch.einsum("nrd,td->tnr", ex.down, x) * mask
