@@ -683,7 +683,7 @@ class Trainer:
                        "adapter_from_step": chosen, "best_step": self.best_step, "best_val_loss": self.best_val}
             atomic_write_text(self.out / "train_summary.json", json.dumps(summary, indent=1) + "\n")
             self._print(f"done: adapter from step {chosen} saved to {adapter_dir}"
-                        + (f" (best val_loss {self.best_val:.4f})" if self.best_val is not None else ""))
+                        + (f" (best val_loss + balance losses {self.best_val:.4f})" if self.best_val is not None else ""))
         elif status == "interrupted" and self.ctx.is_main:
             self._print(f"interrupted at step {step}: checkpoint saved to {self.out / f'checkpoint-{step}'}; "
                         "continue with --resume")
