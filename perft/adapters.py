@@ -11,8 +11,6 @@ activation is tiny next to the frozen experts' own work.
 from __future__ import annotations
 
 import contextlib
-import math
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -20,28 +18,20 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
-Activation = Callable[[torch.Tensor], torch.Tensor]
-
-_ACTIVATIONS: dict[str, Activation] = {
-    "silu": F.silu,
-    "relu": F.relu,
-    "gelu": F.gelu,
-    "tanh": torch.tanh,
-    "identity": lambda x: x,
-}
+from perft.adapter_kinds import Activation, AdapterKind, adapter_kind
+from perft.dropout import dropout_multiplier
 
 
 class AdapterExperts(nn.Module):
-    """N adapter experts, LoRA (`scale * B_n A_n x`) or parallel adapter (`U_n act(D_n x)`).
+    """N adapter experts of one registered kind (perft/adapter_kinds.py): `up_n f(down_n x)`.
 
-    Stored as `down` [N, r, d] and `up` [N, d, r] (named `lora_A`/`lora_B` or
-    `adapter_down`/`adapter_up` in the save format). `up` starts at zero, so the experts
-    start as an exact no-op.
+    Stored as `down` [N, r, d] and `up` [N, d, r] (named by the kind in the save format, e.g.
+    `lora_A`/`lora_B`). `up` starts at zero, so the experts start as an exact no-op.
     """
 
     def __init__(
         self,
-        kind: str,
+        kind: str | AdapterKind,
         num_experts: int,
         hidden_size: int,
         rank: int,
@@ -49,15 +39,22 @@ class AdapterExperts(nn.Module):
         scaling: float = 1.0,
         activation: str = "silu",
         dropout: float = 0.0,
+        init: str = "normal",
+        dropout_at: str | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
         super().__init__()
-        self.kind = kind
+        self.spec = adapter_kind(kind) if isinstance(kind, str) else kind
+        self.kind = self.spec.name
         self.num_experts, self.hidden_size, self.rank = num_experts, hidden_size, rank
-        self.scaling = scaling if kind == "lora" else 1.0
-        self.act = _ACTIVATIONS[activation] if kind == "parallel" else None
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.scaling = self.spec.scaling(scaling)
+        self.act = self.spec.activation(activation)
+        self.dropout_p = float(dropout)
+        self.dropout_site = dropout_at or self.spec.dropout_site
+        self.init = init
+        self.dropout_keys: Any = None  # a perft.dropout.DropoutKeys, set by keyed_dropout
+        self.dropout_salt = 0
         factory = {"dtype": dtype, "device": device}
         self.down = nn.Parameter(torch.empty(num_experts, rank, hidden_size, **factory))
         # `up` has shape [N, d, r] but lives in memory as [d, N, r] (a transposed view), so the
@@ -67,18 +64,20 @@ class AdapterExperts(nn.Module):
 
     @property
     def down_name(self) -> str:
-        return "lora_A" if self.kind == "lora" else "adapter_down"
+        return self.spec.down_name
 
     @property
     def up_name(self) -> str:
-        return "lora_B" if self.kind == "lora" else "adapter_up"
+        return self.spec.up_name
 
     def reset_parameters(self) -> None:
-        """Kaiming-uniform `down` (as PEFT's LoRA A), zero `up`: an exact no-op at start."""
-        bound = 1.0 / math.sqrt(self.hidden_size)  # kaiming_uniform_(a=sqrt(5)) on a [r, d] matrix
+        """`down` by the init scheme (the released N(0, 2/r) by default), `up` zero: an exact no-op."""
         with torch.no_grad():
-            self.down.uniform_(-bound, bound)
+            self.spec.init_down(self.down, self.init)
             self.up.zero_()
+
+    def _dropout_on(self) -> bool:
+        return self.training and self.dropout_p > 0
 
     def forward(self, x: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
         """Sum over experts of `weights[:, n] * expert_n(x)`; `weights=None` means all ones.
@@ -88,9 +87,14 @@ class AdapterExperts(nn.Module):
         """
         n, r, d = self.num_experts, self.rank, self.hidden_size
         out_dtype = x.dtype
-        if not isinstance(self.dropout, nn.Identity) and self.training:
-            x = self.dropout(x.to(self.down.dtype))
-        args = (x, self.down.reshape(n * r, d), self.up_matrix(), weights, self.scaling, self.act, n, r)
+        mask = None
+        if self._dropout_on():
+            dtype, tokens = self.down.dtype, x.shape[0]
+            if self.dropout_site == "input":
+                x = x.to(dtype) * dropout_multiplier(self, tokens, d, self.dropout_p, dtype, x.device)
+            else:  # on each expert's own r units: one mask per expert
+                mask = dropout_multiplier(self, tokens, n * r, self.dropout_p, dtype, x.device)
+        args = (x, self.down.reshape(n * r, d), self.up_matrix(), weights, mask, self.scaling, self.act, n, r)
         if _wants_grad(x, self.down, self.up, weights):
             y = _StackedExperts.apply(*args)
         else:  # inference: the same products, without the autograd Function's bookkeeping
@@ -108,10 +112,12 @@ class AdapterExperts(nn.Module):
         n, r, d = self.num_experts, self.rank, self.hidden_size
         tokens, k = index.shape
         out_dtype = x.dtype
-        x = x.to(self.down.dtype)
-        if not isinstance(self.dropout, nn.Identity) and self.training:
-            x = self.dropout(x)
         valid = index < n
+        if self._dropout_on():  # masks are drawn over all experts' units: take the dense path
+            dense = torch.zeros(tokens, n + 1, dtype=weights.dtype, device=weights.device)
+            dense.scatter_add_(1, torch.where(valid, index, torch.full_like(index, n)), weights)
+            return self.forward(x, dense[:, :n])
+        x = x.to(self.down.dtype)
         ids = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
         w = weights.to(x.dtype) * valid
         w = w * self.scaling if self.scaling != 1.0 else w
@@ -153,7 +159,9 @@ def _autocast_like(device_type: str, dtype: torch.dtype | None) -> contextlib.Ab
 
 
 class _StackedExperts(torch.autograd.Function):
-    """`y = up @ (s * w * act(down @ x))` over the stacked experts, with a lean backward.
+    """`y = up @ (s * w * act(m * (down @ x)))` over the stacked experts, with a lean backward.
+
+    m is the optional [T, N*r] dropout multiplier of the `hidden` dropout site.
 
     The same products autograd would run, but what is kept for backward is only the input x
     in its own dtype (the frozen model holds it anyway) and the [T, N*r] middle: the
@@ -164,18 +172,18 @@ class _StackedExperts(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None,
-                scaling: float, act: Activation | None, n: int, r: int) -> torch.Tensor:
+                mask: torch.Tensor | None, scaling: float, act: Activation | None, n: int, r: int) -> torch.Tensor:
         ctx.device_type = x.device.type
         ctx.amp = _autocast_dtype(ctx.device_type)
-        y, h = _stacked_products(x, down, up, weights, scaling, act, n, r)
-        ctx.save_for_backward(x, down, up, h, weights)
+        y, h = _stacked_products(x, down, up, weights, mask, scaling, act, n, r)
+        ctx.save_for_backward(x, down, up, h, weights, mask)
         ctx.scaling, ctx.act, ctx.n, ctx.r = scaling, act, n, r
         return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, down, up, h, weights = ctx.saved_tensors
+        x, down, up, h, weights, mask = ctx.saved_tensors
         scaling, act, n, r = ctx.scaling, ctx.act, ctx.n, ctx.r
         need_x, need_down, need_up, need_w = ctx.needs_input_grad[:4]
         g_x = g_down = g_up = g_w = None
@@ -202,17 +210,22 @@ class _StackedExperts(torch.autograd.Function):
                     (gh,) = torch.autograd.grad(act(leaf), leaf, ga)
             else:
                 gh = ga
+            if mask is not None:
+                gh = gh * mask.to(gh.dtype)
             if need_down:
                 g_down = gh.t().mm(x.to(h.dtype)).to(down.dtype)
             if need_x:
                 g_x = gh.mm(down).to(x.dtype)
-        return g_x, g_down, g_up, g_w, None, None, None, None
+        return g_x, g_down, g_up, g_w, None, None, None, None, None
 
 
 def _stacked_products(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, weights: torch.Tensor | None,
-                      scaling: float, act: Activation | None, n: int, r: int) -> tuple[torch.Tensor, torch.Tensor]:
+                      mask: torch.Tensor | None, scaling: float, act: Activation | None, n: int,
+                      r: int) -> tuple[torch.Tensor, torch.Tensor]:
     """The forward products of the stacked experts: (y in x's dtype, the [T, N*r] middle h)."""
     h = F.linear(x.to(down.dtype), down)  # [T, N*r]
+    if mask is not None:
+        h = h * mask.to(h.dtype)
     y = F.linear(_weighted_middle(h, weights, scaling, act, n, r), up).to(x.dtype)
     return y, h
 

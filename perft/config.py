@@ -9,11 +9,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from perft.adapter_kinds import ACTIVATIONS as _ACTIVATION_FUNCTIONS
+from perft.adapter_kinds import DROPOUT_SITES, INIT_SCHEMES, adapter_kinds
 from perft.errors import PerftError
 
 VARIANTS = ("routed", "embedded", "dense", "single")
-ADAPTERS = ("lora", "parallel")
-ACTIVATIONS = ("silu", "relu", "gelu", "tanh", "identity")
+ACTIVATIONS = tuple(_ACTIVATION_FUNCTIONS)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -27,7 +28,15 @@ class PerftConfig:
     variant: `routed` (PERFT-R, own router, top_k of num_experts), `embedded` (PERFT-E, one
         adapter per base expert, gated by the frozen base router), `dense` (PERFT-D,
         num_experts always active) or `single` (PERFT-S, one always-active adapter).
-    adapter: `lora` ((alpha/rank) B A x) or `parallel` (U act(D x)).
+    adapter: a registered adapter kind (perft/adapter_kinds.py): `lora` ((alpha/rank) B A x) or
+        `parallel` (U act(D x)).
+    init: how `lora_A` / `adapter_down` start: `normal` (the released PERFT code's N(0, 2/r))
+        or `kaiming` (PEFT's Kaiming-uniform). `lora_B` / `adapter_up` always start at zero.
+        A saved config without this field (perft before it existed) reads as `kaiming`, the
+        scheme those adapters were created with.
+    dropout_at: `input` (on x, one mask shared by a block's experts) or `hidden` (after the
+        down projection, one mask per expert); None: the kind's own (LoRA input, parallel
+        hidden, as the released code). A saved config without it reads as `input`.
     normalize_top_k: renormalise the kept PERFT-R weights; None follows the base model.
     router_aux_loss_coef: Switch-style load-balance loss on the PERFT-R router, added to the loss.
     layers: indices of the MoE layers that get adapters (None: all).
@@ -42,6 +51,8 @@ class PerftConfig:
     rank: int = 16
     alpha: float | None = None
     dropout: float = 0.05
+    init: str = "normal"
+    dropout_at: str | None = None
     activation: str = "silu"
     normalize_top_k: bool | None = None
     router_aux_loss_coef: float = 0.0
@@ -63,7 +74,10 @@ class PerftConfig:
     def validate(self) -> None:
         """Raise `PerftError` naming the first impossible setting and how to fix it."""
         _check_choice("variant", self.variant, VARIANTS)
-        _check_choice("adapter", self.adapter, ADAPTERS)
+        _check_choice("adapter", self.adapter, adapter_kinds())
+        _check_choice("init", self.init, INIT_SCHEMES)
+        if self.dropout_at is not None:
+            _check_choice("dropout_at", self.dropout_at, DROPOUT_SITES)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _check_int("rank", self.rank, minimum=1)
@@ -133,6 +147,8 @@ class PerftConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             raise PerftError(f"unknown PERFT config field(s) {unknown}; known fields: {sorted(known)}")
+        if "init" not in data:  # written before `init` existed: those adapters started Kaiming-uniform
+            data = {**data, "init": "kaiming", "dropout_at": data.get("dropout_at", "input")}
         try:
             return cls(**data)
         except TypeError as err:  # pragma: no cover - dataclass argument errors

@@ -118,6 +118,7 @@ def training_config(method: Method, base: Path, train_file: Path, output: Path, 
         "epochs": cfg.epochs, "lr": cfg.lr, "batch_size": cfg.batch_size, "micro_batch_size": cfg.batch_size,
         "cutoff_len": cfg.cutoff_len, "val_set_size": cfg.val_set_size, "warmup_steps": 20, "eval_steps": 100,
         "save_steps": 100, "save_total_limit": 1, "logging_steps": 10, "dropout": 0.0,
+        "train_on_inputs": False,  # response-only loss: see docs/tiny-model.md
         "report_to": "tensorboard", "progress": cfg.progress, "overwrite_output_dir": True, "bf16": "false",
         "max_steps": cfg.max_steps, **method.settings, **cfg.extra,
     }

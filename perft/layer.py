@@ -37,6 +37,7 @@ class PerftLayer(nn.Module):
             scaling=config.scaling,
             activation=config.activation,
             dropout=config.dropout,
+            init=config.init, dropout_at=config.dropout_at,
             dtype=dtype,
             device=device,
         )

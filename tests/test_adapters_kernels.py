@@ -15,12 +15,19 @@ import torch
 import torch.nn.functional as F
 
 from perft.adapters import AdapterExperts
+from perft.dropout import dropout_multiplier
 
 
 def plain(ex: AdapterExperts, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
     """The adapter formula with autograd doing the backward (the pre-Function implementation)."""
     n, r, d = ex.num_experts, ex.rank, ex.hidden_size
-    h = F.linear(ex.dropout(x.to(ex.down.dtype)), ex.down.reshape(n * r, d))
+    p, dtype = (ex.dropout_p if ex.training else 0.0), ex.down.dtype
+    x_in = x.to(dtype)
+    if p and ex.dropout_site == "input":
+        x_in = x_in * dropout_multiplier(ex, x.shape[0], d, p, dtype, x.device)
+    h = F.linear(x_in, ex.down.reshape(n * r, d))
+    if p and ex.dropout_site == "hidden":  # after the down projection, one mask per expert
+        h = h * dropout_multiplier(ex, x.shape[0], n * r, p, dtype, x.device).to(h.dtype)
     if ex.act is not None:
         h = ex.act(h)
     if weights is not None:
@@ -55,14 +62,16 @@ def _with_params(ex: AdapterExperts, down: torch.Tensor, up: torch.Tensor, x: to
     return torch.func.functional_call(ex, params, (x, w))
 
 
-CASES = list(itertools.product(("lora", "parallel"), (torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16),
+KINDS = (("lora", None), ("parallel", None), ("lora", "hidden"), ("parallel", "input"))
+CASES = list(itertools.product(KINDS, (torch.float32, torch.bfloat16), (torch.float32, torch.bfloat16),
                                (False, True), (True, False), (1, 4), (0.0, 0.1)))
 
 
 @pytest.mark.parametrize("kind,x_dtype,adapter_dtype,autocast,with_weights,n,dropout", CASES)
 def test_bit_for_bit_equal_to_autograd(kind, x_dtype, adapter_dtype, autocast, with_weights, n, dropout):
+    kind, site = kind
     torch.manual_seed(0)
-    ex = AdapterExperts(kind, n, 32, 4, scaling=2.0, dropout=dropout, dtype=adapter_dtype).train()
+    ex = AdapterExperts(kind, n, 32, 4, scaling=2.0, dropout=dropout, dropout_at=site, dtype=adapter_dtype).train()
     with torch.no_grad():
         ex.up.normal_(0, 0.5)
     x0 = torch.randn(10, 32).to(x_dtype)

@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
 
 
@@ -40,6 +41,9 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="override the per-task budget (paper: 4 commonsense, 256 arithmetic)")
     parser.add_argument("--max-samples", type=int, default=None, help="evaluate only the first N samples per task")
+    parser.add_argument("--prompt-style", choices=PROMPT_STYLES, default="clean",
+                        help="prompt template: clean (default, as perft train's default) or released (the released "
+                        "evaluation script's exact strings, for adapters trained with the released code)")
     parser.add_argument("--compare", nargs="+", metavar="RUN", help="print finished runs side by side and exit")
     parser.add_argument("--lm-eval-tasks", default="", help="comma-separated lm-evaluation-harness tasks")
     parser.add_argument("--lm-eval-include", action="append", default=None, metavar="DIR",
@@ -117,7 +121,8 @@ def run(args: argparse.Namespace) -> int:
             max_new_tokens=args.max_new_tokens,
             batch_size=args.batch_size,
         )
-        loaded = prepare_tasks(tasks, args.data_dir, protocol=args.protocol, max_samples=args.max_samples)
+        loaded = prepare_tasks(tasks, args.data_dir, protocol=args.protocol, max_samples=args.max_samples,
+                               prompt_style=args.prompt_style)
         run_info = {"model": _where(args.model), "adapter": _where(args.adapter) if args.adapter else None}
         evaluation = Evaluation(loaded, args.output, settings, run_info=run_info)
     manager = None

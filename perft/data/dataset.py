@@ -180,19 +180,19 @@ def _encodable(text: str) -> bool:
 
 # ---------------------------------------------------------------------------- tokenisation
 def tokenize_examples(
-    batch: dict[str, list[str]], tokenizer: Any, cutoff_len: int, train_on_inputs: bool
+    batch: dict[str, list[str]], tokenizer: Any, cutoff_len: int, train_on_inputs: bool, prompt_style: str = "clean"
 ) -> dict[str, list[list[int]]]:
     """Batched tokenisation of records (a `datasets.map` function).
 
     Returns input_ids, labels, length and num_targets (label tokens the shifted loss sees).
     """
-    full = [build_prompt(i, x, o) for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])]
+    full = [build_prompt(i, x, o, style=prompt_style) for i, x, o in zip(batch["instruction"], batch["input"], batch["output"])]
     encoded = tokenizer(full, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
     eos = tokenizer.eos_token_id
     input_ids = [ids + [eos] if (ids and ids[-1] != eos and len(ids) < cutoff_len) else list(ids) for ids in encoded]
     labels = [list(ids) for ids in input_ids]
     if not train_on_inputs:
-        prompts = [build_prompt(i, x) for i, x in zip(batch["instruction"], batch["input"])]
+        prompts = [build_prompt(i, x, style=prompt_style) for i, x in zip(batch["instruction"], batch["input"])]
         prompt_ids = tokenizer(prompts, truncation=True, max_length=cutoff_len, padding=False)["input_ids"]
         for lab, p in zip(labels, prompt_ids):
             cut = min(len(p), len(lab))
@@ -242,6 +242,7 @@ def prepare_data(
     split_seed: int,
     train_on_inputs: bool,
     max_train_samples: int | None = None,
+    prompt_style: str = "clean",
 ) -> PreparedData:
     """Load, validate, split and tokenise; every failure is a `PerftError` before training starts."""
     path = Path(path)
@@ -255,7 +256,8 @@ def prepare_data(
             tokenize_examples,
             batched=True,
             remove_columns=ds.column_names,
-            fn_kwargs={"tokenizer": tokenizer, "cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs},
+            fn_kwargs={"tokenizer": tokenizer, "cutoff_len": cutoff_len, "train_on_inputs": train_on_inputs,
+                       "prompt_style": prompt_style},
             keep_in_memory=True,
             load_from_cache_file=False,
             desc=None,

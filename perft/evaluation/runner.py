@@ -42,11 +42,13 @@ class TaskData:
     path: Path
     records: list[dict[str, Any]]
     total: int
+    prompt_style: str = "clean"  # perft.data.prompts.PROMPT_STYLES; `released`: the released evaluation strings
 
     def prompt(self, index: int) -> str:
         """The model's input for record `index`: the training template plus the task's pre-fill."""
         record = self.records[index]
-        return build_prompt(record["instruction"], record.get("input") or None) + self.spec.prefill
+        return build_prompt(record["instruction"], record.get("input") or None, style=self.prompt_style,
+                            for_eval=True) + self.spec.prefill
 
     def gold(self, index: int) -> str | float:
         value = self.records[index]["answer"]
@@ -128,7 +130,8 @@ def load_task_data(
 
 
 def prepare_tasks(
-    names: Sequence[str], data_dir: str | Path, *, protocol: str = "generate", max_samples: int | None = None
+    names: Sequence[str], data_dir: str | Path, *, protocol: str = "generate", max_samples: int | None = None,
+    prompt_style: str = "clean",
 ) -> list[TaskData]:
     """Resolve and validate every requested task before any model work."""
     if protocol not in PROTOCOLS:
@@ -142,7 +145,11 @@ def prepare_tasks(
         if spec.name in {s.name for s in specs}:
             raise PerftError(f"task {spec.name} is listed twice in --tasks")
         specs.append(spec)
-    return [load_task_data(s, data_dir, max_samples=max_samples, protocol=protocol) for s in specs]
+    build_prompt("", style=prompt_style)  # an unknown style fails here, before any model work
+    tasks = [load_task_data(s, data_dir, max_samples=max_samples, protocol=protocol) for s in specs]
+    for task in tasks:
+        task.prompt_style = prompt_style
+    return tasks
 
 
 @dataclass(frozen=True)

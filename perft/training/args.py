@@ -16,7 +16,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perft.config import PerftConfig
+from perft.adapter_kinds import INIT_SCHEMES, adapter_kinds
+from perft.config import ACTIVATIONS, VARIANTS, PerftConfig
+from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
 from perft.methods import get_method, method_names
 
@@ -37,6 +39,9 @@ STRATEGIES = ("ddp", "fsdp")
 PRECISIONS = ("auto", "true", "false")
 MODEL_DTYPES = ("auto", "bfloat16", "float16", "float32")
 MAX_SEED = 2**32 - 1
+#: The paper's balance-loss coefficient (both routers) by base-model family; 0.01 elsewhere.
+PAPER_AUX_COEF = {"mixtral": 0.02}
+PAPER_AUX_COEF_DEFAULT = 0.01
 MAX_INT = 2**31 - 1  # sizes, steps and token counts beyond this are typos (and overflow tokenizers)
 
 # Fields that may change between a run and its resumption: where things go, how they are
@@ -131,6 +136,24 @@ def translate_aliases(data: dict[str, Any], source: str = "config") -> dict[str,
     return out
 
 
+class _AdapterChoices:
+    """The registered adapter kinds, read when asked (a kind registered later is a choice too)."""
+
+    def __iter__(self) -> Any:
+        return iter(adapter_kinds())
+
+    def __contains__(self, name: object) -> bool:
+        return name in adapter_kinds()
+
+    def __len__(self) -> int:
+        return len(adapter_kinds())
+
+
+def paper_aux_coef(model_type: str | None) -> float:
+    """The paper's load-balance coefficient for a base-model family (0.02 Mixtral, else 0.01)."""
+    return PAPER_AUX_COEF.get(str(model_type), PAPER_AUX_COEF_DEFAULT)
+
+
 def _f(default: Any, help: str, group: str, **extra: Any) -> Any:
     """A dataclass field carrying its CLI help text and group."""
     meta = {"help": help, "group": group, **extra}
@@ -155,21 +178,27 @@ class TrainingConfig:
     method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
                      choices=_RegisteredMethods())
     variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
-                      choices=("routed", "embedded", "dense", "single"))
-    adapter: str = _f("lora", "adapter expert type", "method", choices=("lora", "parallel"))
+                      choices=VARIANTS)
+    adapter: str = _f("lora", "adapter expert kind (a registered kind: perft/adapter_kinds.py)", "method",
+                      choices=_AdapterChoices())
     num_experts: int = _f(4, "adapter experts N (routed, dense)", "method")
     top_k: int = _f(2, "adapter experts per token K (routed)", "method")
     rank: int = _f(16, "adapter rank r (bottleneck width)", "method")
     alpha: float | None = _f(None, "LoRA alpha (default 2 x rank, as the paper)", "method")
     dropout: float = _f(0.05, "adapter dropout", "method")
-    activation: str = _f("silu", "activation of parallel adapters", "method",
-                         choices=("silu", "relu", "gelu", "tanh", "identity"))
+    dropout_at: str | None = _f(None, "where adapter dropout applies: input, or hidden (after the down "
+                                "projection, a mask per expert); default: the kind's own (lora input, parallel hidden)",
+                                "method")
+    init: str = _f("normal", "initialisation of lora_A / adapter_down: normal (the released code's N(0, 2/r)) "
+                   "or kaiming (PEFT's)", "method", choices=INIT_SCHEMES)
+    activation: str = _f("silu", "activation of parallel adapters", "method", choices=ACTIVATIONS)
     normalize_top_k: bool | None = _f(None, "renormalise kept PERFT-R weights (default: as the base model)", "method")
-    router_aux_loss_coef: float = _f(0.0, "PERFT-R router load-balance loss coefficient (paper: 0.01 OLMoE)",
-                                     "method")
+    router_aux_loss_coef: float | None = _f(
+        None, "PERFT-R router load-balance loss coefficient (default: the paper's for the base family, "
+        "0.02 Mixtral, 0.01 otherwise; 0: off)", "method")
     base_router_aux_loss_coef: float | None = _f(
-        None, "frozen base router's load-balance loss coefficient (paper: 0.01 OLMoE, 0.02 Mixtral); "
-        "unset leaves the model config as it is", "method")
+        None, "frozen base router's load-balance loss coefficient (default: the paper's for the base family, "
+        "0.02 Mixtral, 0.01 otherwise, where the model has one; 0: off)", "method")
     layers: list[int] | None = _f(None, "MoE layer indices to adapt (default: all)", "method")
     adapter_dtype: str = _f("float32", "adapter weight dtype", "method",
                             choices=("float32", "bfloat16", "float16", "auto"))
@@ -177,7 +206,11 @@ class TrainingConfig:
     cutoff_len: int = _f(256, "truncate prompt+response to this many tokens", "data")
     val_set_size: int = _f(120, "records held out for validation loss (0: none)", "data")
     split_seed: int = _f(42, "seed of the validation split", "data")
-    train_on_inputs: bool = _f(False, "also train on prompt tokens (the paper's runs do)", "data")
+    train_on_inputs: bool = _f(True, "also train on prompt tokens, as the paper's runs do "
+                               "(--no-train-on-inputs: response tokens only)", "data")
+    prompt_style: str = _f("clean", "prompt template: clean (LLM-Adapters' Alpaca template without stray "
+                           "whitespace) or released (the released code's exact training strings)", "data",
+                           choices=PROMPT_STYLES)
     group_by_length: bool = _f(False, "group similar lengths into the same global batches (less padding)", "data")
     max_train_samples: int | None = _f(None, "use only the first N training records (quick runs)", "data")
     # -- optimisation
@@ -318,10 +351,11 @@ class TrainingConfig:
             raise PerftError(f"layers must be a list of layer indices, got {self.layers!r}")
         _number(self, "lr", positive=True)
         _number(self, "epochs", positive=True)
-        for name in ("weight_decay", "max_grad_norm", "router_aux_loss_coef", "adam_epsilon"):
+        for name in ("weight_decay", "max_grad_norm", "adam_epsilon"):
             _number(self, name)
-        if self.base_router_aux_loss_coef is not None:
-            _number(self, "base_router_aux_loss_coef")
+        for name in ("router_aux_loss_coef", "base_router_aux_loss_coef"):
+            if getattr(self, name) is not None:
+                _number(self, name)
         for name in ("adam_beta1", "adam_beta2"):
             _number(self, name)
             if not getattr(self, name) < 1:
@@ -349,12 +383,25 @@ class TrainingConfig:
     def grad_accumulation(self, world_size: int) -> int:
         return self.batch_size // (self.micro_batch_size_for(world_size) * world_size)
 
+    def apply_family_defaults(self, model_type: str | None, has_router_loss: bool) -> None:
+        """Fill the unset balance-loss coefficients with the paper's for this base family.
+
+        The base router's loss is left off for a model that has none (no `output_router_logits`).
+        """
+        coef = paper_aux_coef(model_type)
+        if self.router_aux_loss_coef is None:
+            self.router_aux_loss_coef = coef
+        if self.base_router_aux_loss_coef is None and has_router_loss:
+            self.base_router_aux_loss_coef = coef
+
     def perft_config(self) -> PerftConfig:
-        """The PERFT adapter part of this run (validated by `PerftConfig`)."""
+        """The PERFT adapter part of this run (validated by `PerftConfig`); an unset balance-loss
+        coefficient (before `apply_family_defaults`) counts as the paper's default 0.01."""
+        aux = PAPER_AUX_COEF_DEFAULT if self.router_aux_loss_coef is None else self.router_aux_loss_coef
         return PerftConfig(
             variant=self.variant, adapter=self.adapter, num_experts=self.num_experts, top_k=self.top_k,
-            rank=self.rank, alpha=self.alpha, dropout=self.dropout, activation=self.activation,
-            normalize_top_k=self.normalize_top_k, router_aux_loss_coef=self.router_aux_loss_coef,
+            rank=self.rank, alpha=self.alpha, dropout=self.dropout, init=self.init, dropout_at=self.dropout_at,
+            activation=self.activation, normalize_top_k=self.normalize_top_k, router_aux_loss_coef=aux,
             layers=self.layers, adapter_dtype=self.adapter_dtype,
         )
 

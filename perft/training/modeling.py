@@ -26,6 +26,7 @@ def preflight_model(cfg: TrainingConfig) -> None:
         config = AutoConfig.from_pretrained(cfg.model, trust_remote_code=cfg.trust_remote_code)
     except (OSError, ValueError) as err:
         raise PerftError(f"cannot read the config of model {cfg.model!r}: {first_line(err)}") from None
+    cfg.apply_family_defaults(getattr(config, "model_type", None), hasattr(config, "output_router_logits"))
     try:
         with torch.device("meta"):
             skeleton = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)

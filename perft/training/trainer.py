@@ -36,6 +36,7 @@ from perft.data.collate import (
     num_micro_batches,
 )
 from perft.data.dataset import IGNORE_INDEX, PreparedData, prepare_data
+from perft.dropout import keyed_dropout
 from perft.errors import PerftError
 from perft.routing.load import RouterLoad, format_load, load_record, routed_layers
 from perft.training import checkpoint as ckpt
@@ -134,7 +135,8 @@ class Trainer:
         tokenizer = load_tokenizer(cfg.tokenizer or str(cfg.model), trust_remote_code=cfg.trust_remote_code)
         data = self.data = prepare_data(cfg.data, tokenizer, cutoff_len=cfg.cutoff_len,
                                         val_set_size=cfg.val_set_size, split_seed=cfg.split_seed,
-                                        train_on_inputs=cfg.train_on_inputs, max_train_samples=cfg.max_train_samples)
+                                        train_on_inputs=cfg.train_on_inputs, max_train_samples=cfg.max_train_samples,
+                                        prompt_style=cfg.prompt_style)
         saved = (self.folder.check_resume(resume_from, cfg.fingerprint(), data.data_hash, str(cfg.data))
                  if resume_from else None)
         built = build_model(cfg, ctx, resume_from)
@@ -248,8 +250,12 @@ class Trainer:
         ce_sum = aux_sum = tokens = 0.0
         for j in range(per_rank):
             real = j < len(micro)
-            batch = self._examples(micro[j] if real else ordered[:1], self.data.train)
-            with no_sync(self.wrapped, enabled=j != per_rank - 1), self._recording(real):
+            rows = micro[j] if real else ordered[:1]
+            batch = self._examples(rows, self.data.train)
+            # Dropout masks keyed by (seed, step, sample): the same whatever the micro-batch or process.
+            keyed = keyed_dropout(self.model, seed=cfg.seed, step=self.state.global_step, sample_ids=rows,
+                                  attention_mask=batch["attention_mask"])
+            with no_sync(self.wrapped, enabled=j != per_rank - 1), self._recording(real), keyed:
                 ce, aux, _ = self._forward(batch)
                 if real:
                     self.train_load.count(batch["attention_mask"])
@@ -317,27 +323,32 @@ class Trainer:
         chunks = [order[i:i + size] for i in range(0, len(order), size)]
         mine = chunks[ctx.rank::ctx.world_size]
         load = RouterLoad(self.train_load.layers)
-        ce_sum = count = 0.0
+        ce_sum = aux_sum = count = 0.0
         self.wrapped.eval()
         with torch.no_grad():
             for j in range(math.ceil(len(chunks) / ctx.world_size)):
                 real = j < len(mine)
                 batch = self._examples(mine[j] if real else chunks[0], val)
                 with self._recording(real):
-                    ce, _, _ = self._forward(batch)
+                    ce, aux, _ = self._forward(batch)
                     if real:
                         load.count(batch["attention_mask"])
                 if real:
                     ce_sum += ce.item()
+                    aux_sum += aux.item()
                     count += float((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
-        ce_sum, count = ctx.all_reduce_sum([ce_sum, count])
+        ce_sum, aux_sum, count = ctx.all_reduce_sum([ce_sum, aux_sum, count])
         val_loss = ce_sum / max(count, 1.0)
+        # The best checkpoint is chosen as the paper's trainer chooses it: by the loss including the
+        # weighted balance terms (averaged over validation batches), not by cross-entropy alone.
+        val_objective = val_loss + aux_sum / max(len(chunks), 1)
         loads = load.take(ctx.all_reduce_sum)
-        record: dict[str, Any] = {"step": step, "val_loss": val_loss, **load_record(loads)}
+        record: dict[str, Any] = {"step": step, "val_loss": val_loss, "val_objective": val_objective,
+                                  **load_record(loads)}
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
         ckpt.fault_point("eval", step)
-        improved = count > 0 and self.state.improve(step, val_loss)
+        improved = count > 0 and self.state.improve(step, val_objective)
         self._emit(record)
         message = f"step {step}: val_loss {val_loss:.4f}" + (" (best)" if step > 0 and improved else "")
         if loads and step == 0:
@@ -396,7 +407,7 @@ class Trainer:
                                        "adapter_from_step": chosen, "best_step": best_step,
                                        "best_val_loss": best_val})
             self._print(f"done: adapter from step {chosen} saved to {adapter_dir}"
-                        + (f" (best val_loss {best_val:.4f})" if best_val is not None else ""))
+                        + (f" (best val_loss + balance losses {best_val:.4f})" if best_val is not None else ""))
         elif status == "interrupted" and self.ctx.is_main:
             self._print(f"interrupted at step {step}: checkpoint saved to {out / f'checkpoint-{step}'}; "
                         "continue with --resume")
