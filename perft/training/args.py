@@ -16,6 +16,7 @@ from typing import Any
 
 from perft.config import PerftConfig
 from perft.errors import PerftError
+from perft.variants import variant_names
 
 METHODS = ("perft", "lora-attn", "lora-experts")
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
@@ -59,7 +60,7 @@ class TrainingConfig:
     method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
                      choices=METHODS)
     variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
-                      choices=("routed", "embedded", "dense", "single"))
+                      choices=variant_names())
     adapter: str = _f("lora", "adapter expert type", "method", choices=("lora", "parallel"))
     num_experts: int = _f(4, "adapter experts N (routed, dense)", "method")
     top_k: int = _f(2, "adapter experts per token K (routed)", "method")
