@@ -155,9 +155,15 @@ class PerftModel(nn.Module):
                 outputs = self.base_model(*args, **kwargs)
         aux = self.router_balance_loss()
         if aux is not None and isinstance(outputs, dict):
+            coef = self.perft_config.router_aux_loss_coef
             outputs["perft_aux_loss"] = aux
             if getattr(outputs, "loss", None) is not None:
-                outputs["loss"] = outputs.loss + self.perft_config.router_aux_loss_coef * aux.to(outputs.loss.dtype)
+                outputs["loss"] = outputs.loss + coef * aux.to(outputs.loss.dtype)
+            base_coef = getattr(getattr(self.base_model, "config", None), "router_aux_loss_coef", 0.0) or 0.0
+            if fused is not None and outputs.get("aux_loss") is not None and base_coef:
+                # TRL's SFTTrainer rebuilds its loss from log_probs + router_aux_loss_coef * aux_loss: ride along
+                outputs["aux_loss"] = outputs["aux_loss"] + (coef / base_coef) * aux.to(outputs["aux_loss"].dtype)
+                outputs["perft_aux_in_aux_loss"] = True
         return outputs
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:

@@ -109,8 +109,14 @@ def test_trl_sft_trainer_trains_with_the_balance_loss_and_its_checkpoint_reloads
     out = seen[0]
     assert out.log_probs is not None and out["perft_aux_loss"] > 0
     nll = -(out.log_probs.sum() / out.label_mask.sum())
-    base_aux = model.config.router_aux_loss_coef * out.aux_loss
-    assert abs(float(out.loss - nll - base_aux - 0.5 * out["perft_aux_loss"])) < 1e-5
+    assert abs(float(out.loss - nll - model.config.router_aux_loss_coef * out.aux_loss)) < 1e-5
+    # what SFTTrainer optimises (it rebuilds the loss from log-probs + aux_loss) counts the balance loss
+    model.eval()
+    batch = next(iter(trainer.get_train_dataloader()))
+    with torch.no_grad():
+        loss = trainer.compute_loss(model, dict(batch))
+        own = model(input_ids=batch["input_ids"], labels=batch["labels"])
+    assert 0.5 * float(own.perft_aux_loss) > 0.5 and abs(float(loss - own.loss)) < 1e-4
     reloaded = PerftModel.from_pretrained(load_base(model_dir), tmp_path / "checkpoint-2")
     assert max_diff(adapter_of(reloaded), adapter_of(model)) == 0.0
     assert os.path.isfile(tmp_path / "checkpoint-2" / "model.safetensors")
