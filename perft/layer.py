@@ -19,12 +19,14 @@ import torch
 from torch import nn
 
 from perft.adapters import AdapterExperts, AdapterRouter, dense_routing_weights
-from perft.arch import MoEBlockInfo
+from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
 from perft.errors import PerftError
+from perft.model_io import base_shapes
 from perft.variants import get_variant
 
 ATTR_NAME = "perft_adapter"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PerftLayer(nn.Module):
@@ -141,3 +143,56 @@ def attach(config: PerftConfig, block: MoEBlockInfo, dtype: torch.dtype,
     else:
         handle = block.module.register_forward_hook(layer.block_hook, with_kwargs=True)
     return layer, [handle]
+
+
+def attach_all(config: PerftConfig, base_model: nn.Module, blocks: list[MoEBlockInfo],
+               attr_name: str) -> tuple[dict[str, PerftLayer], list]:
+    """Attach one adapter to the blocks `config.layers` selects (filling in `config`'s base facts).
+
+    Returns (block path -> layer, hook handles); out of memory, it removes what it attached and
+    raises a PerftError.
+    """
+    blocks = _select_layers(blocks, config.layers)
+    _fill_base_facts(config, base_model, blocks)
+    dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype != "auto" else next(base_model.parameters()).dtype
+    layers: dict[str, PerftLayer] = {}
+    handles: list = []
+    try:
+        for block in blocks:
+            layer, block_handles = attach(config, block, dtype, attr_name)
+            layers[block.path] = layer
+            handles.extend(block_handles)
+    except (RuntimeError, MemoryError) as err:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            if hasattr(block.module, attr_name):
+                delattr(block.module, attr_name)
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        raise PerftError(
+            f"cannot allocate the adapter weights (rank={config.rank}, num_experts={config.num_experts} on "
+            f"{len(blocks)} MoE blocks of hidden size {blocks[0].hidden_size}): out of memory; "
+            "lower rank or num_experts"
+        ) from None
+    return layers, handles
+
+
+def _select_layers(blocks: list[MoEBlockInfo], layers: list[int] | None) -> list[MoEBlockInfo]:
+    if layers is None:
+        return blocks
+    available = [b.layer for b in blocks]
+    unknown = sorted(set(layers) - set(available))
+    if unknown:
+        raise PerftError(f"layers {unknown} have no MoE block; this model's MoE layers are {available}")
+    return [b for b in blocks if b.layer in set(layers)]
+
+
+def _fill_base_facts(config: PerftConfig, base_model: nn.Module, blocks: list[MoEBlockInfo]) -> None:
+    base_config = getattr(base_model, "config", None)
+    name = getattr(base_config, "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    config.base_model_name_or_path = config.base_model_name_or_path or (str(name) if name else None)
+    config.model_type = getattr(base_config, "model_type", None)
+    config.base_shapes = base_shapes(base_model, require_moe_blocks(base_model))
+    config.base_shapes["adapted_blocks"] = [b.path for b in blocks]
+

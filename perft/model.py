@@ -15,7 +15,6 @@ where `base_model` is the backbone, after its own per-forward set-up (`__setattr
 from __future__ import annotations
 
 import contextlib
-import types
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,9 +25,8 @@ from torch import nn
 from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
 from perft.errors import PerftError
-from perft.layer import ATTR_NAME, PerftLayer, attach
+from perft.layer import ATTR_NAME, PerftLayer, attach_all
 from perft.model_io import (
-    base_shapes,
     check_compatible,
     check_state,
     from_trainer_checkpoint,
@@ -37,22 +35,11 @@ from perft.model_io import (
     state_dict_hook,
     write_adapter,
 )
+from perft.peft_compat import NotMergeableMixin, is_fused_lm_head_patch, transformers_peft_refusal
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DEFAULT_ADAPTER = "default"
 BASE_ROWS = "__base__"  # in adapter_names: this row runs the base model without any adapter
-_NOT_MERGEABLE = (
-    "PERFT adapters cannot be merged into the base weights: they are extra experts that read the MoE block's "
-    "input (gated by their own router or the base router), not a low-rank change of any existing weight. Serve "
-    "with the adapter attached (PerftModel.from_pretrained(base, adapter_dir)), and call unload() to get the "
-    "untouched base model back"
-)
-_TRANSFORMERS_PEFT_ONLY = {"get_adapter_state_dict": "adapter_state_dict(adapter_name)",
-                           "active_adapters": "active_adapters (a property here)",
-                           "enable_peft_hotswap": None, "load_adapter_hotswap": None}
-
-
-class PerftModel(nn.Module):
+class PerftModel(NotMergeableMixin, nn.Module):
     """A base causal LM whose MoE blocks carry PERFT adapter experts; only adapters train."""
 
     def __init__(self, base_model: nn.Module, config: PerftConfig, adapter_name: str = DEFAULT_ADAPTER) -> None:
@@ -80,15 +67,13 @@ class PerftModel(nn.Module):
         except AttributeError:
             if name == "base_model" or name.startswith("_"):
                 raise
-            if name in _TRANSFORMERS_PEFT_ONLY:
-                hint = _TRANSFORMERS_PEFT_ONLY[name]
-                raise PerftError(f"{name} belongs to transformers' PEFT integration, which does not manage PERFT "
-                                 f"adapters; " + (f"use PerftModel.{hint}" if hint else "PERFT has no equivalent")
-                                 ) from None
+            refusal = transformers_peft_refusal(name)
+            if refusal is not None:
+                raise refusal from None
             return getattr(self.base_model, name)
 
     def __setattr__(self, name: str, value: Any) -> None:
-        if name == "forward" and _is_fused_lm_head_patch(value, self):
+        if name == "forward" and is_fused_lm_head_patch(value, self):
             # TRL's add_fused_lm_head: a forward written for a transformers model, reading `self.base_model`
             # as the backbone. Keep it and run it on the wrapped causal LM, after PerftModel's own set-up.
             object.__setattr__(self, "_fused_forward", value.__func__)
@@ -231,26 +216,8 @@ class PerftModel(nn.Module):
             raise PerftError(f"an adapter named {adapter_name!r} is already loaded: delete_adapter it first or "
                              "choose another name")
         config = PerftConfig.from_dict(peft_config.to_dict())  # own copy, re-validated
-        blocks = _select_layers(self._blocks, config.layers)
-        _fill_base_facts(config, self.base_model, blocks)
-        dtype = _adapter_dtype(config, self.base_model)
         attr = ATTR_NAME if adapter_name == DEFAULT_ADAPTER else f"{ATTR_NAME}_{adapter_name}"
-        layers: dict[str, PerftLayer] = {}
-        handles: list = []
-        try:
-            for block in blocks:
-                layer, block_handles = attach(config, block, dtype, attr)
-                layers[block.path] = layer
-                handles.extend(block_handles)
-        except (RuntimeError, MemoryError) as err:
-            _detach(blocks, attr, handles)
-            if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
-                raise
-            raise PerftError(
-                f"cannot allocate the adapter weights (rank={config.rank}, num_experts={config.num_experts} on "
-                f"{len(blocks)} MoE blocks of hidden size {blocks[0].hidden_size}): out of memory; "
-                "lower rank or num_experts"
-            ) from None
+        layers, handles = attach_all(config, self.base_model, self._blocks, attr)
         self.peft_config[adapter_name] = config
         self._adapters[adapter_name] = layers
         self._handles[adapter_name] = handles
@@ -325,15 +292,6 @@ class PerftModel(nn.Module):
     def enable_adapters(self) -> None:
         """Adapters are on outside `disable_adapter()`; this re-activates the active adapter (as set_adapter)."""
         self.set_adapter(self.active_adapter)
-
-    def merge_and_unload(self, *args: Any, **kwargs: Any) -> nn.Module:
-        raise PerftError(f"merge_and_unload: {_NOT_MERGEABLE}")
-
-    def merge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise PerftError(f"merge_adapter: {_NOT_MERGEABLE}")
-
-    def unmerge_adapter(self, *args: Any, **kwargs: Any) -> None:
-        raise PerftError("unmerge_adapter: nothing is ever merged; PERFT adapters always run beside the base model")
 
     def unload(self) -> nn.Module:
         """Remove every adapter and hook; return the base model exactly as it was given."""
@@ -470,24 +428,9 @@ def get_perft_model(base_model: nn.Module, config: PerftConfig, adapter_name: st
 
 
 
-def _is_fused_lm_head_patch(value: Any, model: nn.Module) -> bool:
-    """A forward bound to `model` that takes TRL's `fused_lm_head` switch (trl.trainer.utils.add_fused_lm_head)."""
-    func = getattr(value, "__func__", None)
-    return (isinstance(value, types.MethodType) and value.__self__ is model and func is not None
-            and "fused_lm_head" in func.__code__.co_varnames[: func.__code__.co_argcount + func.__code__.co_kwonlyargcount])
-
-
 def _check_adapter_name(name: Any) -> None:
     if not isinstance(name, str) or not name.isidentifier() or name == BASE_ROWS:
         raise PerftError(f"adapter name {name!r} must be a plain identifier (letters, digits, _), not {BASE_ROWS!r}")
-
-
-def _detach(blocks: list[MoEBlockInfo], attr: str, handles: list) -> None:
-    for handle in handles:
-        handle.remove()
-    for block in blocks:
-        if hasattr(block.module, attr):
-            delattr(block.module, attr)
 
 
 def _batch_size(input_ids: torch.Tensor | None, kwargs: dict[str, Any]) -> int | None:
@@ -500,28 +443,3 @@ def _is_hf_model(model: nn.Module) -> bool:
     from transformers import PreTrainedModel
 
     return isinstance(model, PreTrainedModel)
-
-
-def _select_layers(blocks: list[MoEBlockInfo], layers: list[int] | None) -> list[MoEBlockInfo]:
-    if layers is None:
-        return blocks
-    available = [b.layer for b in blocks]
-    unknown = sorted(set(layers) - set(available))
-    if unknown:
-        raise PerftError(f"layers {unknown} have no MoE block; this model's MoE layers are {available}")
-    return [b for b in blocks if b.layer in set(layers)]
-
-
-def _fill_base_facts(config: PerftConfig, base_model: nn.Module, blocks: list[MoEBlockInfo]) -> None:
-    base_config = getattr(base_model, "config", None)
-    name = getattr(base_config, "_name_or_path", None) or getattr(base_model, "name_or_path", None)
-    config.base_model_name_or_path = config.base_model_name_or_path or (str(name) if name else None)
-    config.model_type = getattr(base_config, "model_type", None)
-    config.base_shapes = base_shapes(base_model, require_moe_blocks(base_model))
-    config.base_shapes["adapted_blocks"] = [b.path for b in blocks]
-
-
-def _adapter_dtype(config: PerftConfig, base_model: nn.Module) -> torch.dtype:
-    if config.adapter_dtype != "auto":
-        return _DTYPES[config.adapter_dtype]
-    return next(base_model.parameters()).dtype
