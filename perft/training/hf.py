@@ -21,6 +21,7 @@ import functools
 import os
 from typing import Any
 
+from torch import nn
 from transformers import Trainer
 
 from perft.config import WEIGHTS_NAME
@@ -95,7 +96,50 @@ def perft_sft_trainer_class() -> type:
         "compute_loss": compute_loss})
 
 
+class AdapterDisabledReference(nn.Module):
+    """DPO's reference model as PEFT gives it: the policy's own base, run with its adapters off.
+
+    No second copy of the base: calls run the PerftModel's wrapped causal LM inside
+    `disable_adapter()`. Attribute reads (config, `base_model`, the LM head) go to that causal
+    LM, so TRL's fused LM head patches this object as it would a transformers model.
+    """
+
+    def __init__(self, model: PerftModel) -> None:
+        super().__init__()
+        object.__setattr__(self, "_perft", model)  # not a submodule: its parameters stay the policy's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._perft.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._perft.base_model(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._perft.disable_adapter():
+            return super().__call__(*args, **kwargs)
+
+
+@functools.cache
+def perft_dpo_trainer_class() -> type:
+    """TRL's `DPOTrainer` with adapter-only checkpoints and, by default, the adapter-disabled base as reference."""
+    from trl import DPOTrainer
+
+    def __init__(self: Any, model: Any, ref_model: Any = None, *args: Any, **kwargs: Any) -> None:
+        if ref_model is None and isinstance(model, PerftModel):
+            ref_model = AdapterDisabledReference(model)
+        DPOTrainer.__init__(self, model, ref_model, *args, **kwargs)
+
+    return type("PerftDPOTrainer", (PerftTrainerMixin, DPOTrainer), {
+        "__doc__": "TRL's `DPOTrainer` whose reference is the policy's base with adapters off (no second copy).",
+        "__init__": __init__})
+
+
 def __getattr__(name: str) -> Any:
     if name == "PerftSFTTrainer":  # lazily, so importing this module does not need trl
         return perft_sft_trainer_class()
+    if name == "PerftDPOTrainer":
+        return perft_dpo_trainer_class()
     raise AttributeError(name)

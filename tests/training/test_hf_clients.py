@@ -120,3 +120,41 @@ def test_trl_sft_trainer_trains_with_the_balance_loss_and_its_checkpoint_reloads
     reloaded = PerftModel.from_pretrained(load_base(model_dir), tmp_path / "checkpoint-2")
     assert max_diff(adapter_of(reloaded), adapter_of(model)) == 0.0
     assert os.path.isfile(tmp_path / "checkpoint-2" / "model.safetensors")
+
+
+def dpo_run(model_dir, tmp_path, trainer_cls):
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+    from trl import DPOConfig
+
+    from perft.testing import save_tiny_tokenizer
+
+    save_tiny_tokenizer(tmp_path / "tok")
+    torch.manual_seed(0)
+    model = get_perft_model(load_base(model_dir), PerftConfig(rank=4, dropout=0.0))
+    data = Dataset.from_list([{"prompt": "the quick brown", "chosen": " fox jumps", "rejected": " dog 1 2"}] * 8)
+    args = DPOConfig(output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, max_steps=2, report_to=[],
+                     use_cpu=True, disable_tqdm=True, save_steps=2, learning_rate=1e-2, logging_steps=1, seed=0)
+    trainer = trainer_cls(model=model, args=args, train_dataset=data,
+                          processing_class=AutoTokenizer.from_pretrained(tmp_path / "tok"))
+    trainer.train()
+    return trainer, [h for h in trainer.state.log_history if "rewards/chosen" in h]
+
+
+def test_dpo_reference_is_the_base_with_adapters_off_without_a_second_copy(model_dir, tmp_path):
+    from trl import DPOTrainer
+
+    from perft.training.hf import AdapterDisabledReference, PerftDPOTrainer
+
+    torch.set_num_threads(1)
+    ours, logs = dpo_run(model_dir, tmp_path / "perft", PerftDPOTrainer)
+    assert isinstance(ours.ref_model, AdapterDisabledReference)
+    assert not list(ours.ref_model.parameters())  # no copy of the base
+    # step 1: the policy is the untouched base (adapters start as a no-op), so every reward is exactly 0
+    assert logs[0]["rewards/chosen"] == 0.0 and logs[0]["rewards/rejected"] == 0.0
+    assert logs[1]["rewards/margins"] != 0.0
+    # plain DPOTrainer loads a second copy of the base from its path as the reference: the same run
+    plain, plain_logs = dpo_run(model_dir, tmp_path / "plain", DPOTrainer)
+    assert not isinstance(plain.ref_model, AdapterDisabledReference)
+    assert [h["loss"] for h in logs] == pytest.approx([h["loss"] for h in plain_logs], abs=1e-6)
+    assert (tmp_path / "perft" / "out" / "checkpoint-2" / "adapter_model.safetensors").is_file()
