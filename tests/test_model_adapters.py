@@ -120,6 +120,8 @@ def test_named_adapters_save_in_peft_layout_and_load_back(two, model_dir, tmp_pa
 
 
 def test_peft_only_calls_explain_themselves(two):
+    two.enable_adapters()  # PEFT habits that apply simply work
+    assert two.active_adapters == ["default"] and two.get_base_model() is two.base_model
     with pytest.raises(PerftError, match="read the MoE block's input"):
         two.merge_and_unload()
     with pytest.raises(PerftError, match="cannot be merged"):

@@ -13,6 +13,9 @@ checkpoint) and reads it back on resume and for the best checkpoint:
     trainer = PerftTrainer(model=perft_model, args=TrainingArguments(...), ...)
 
 or mix it into your own subclass: `class MyTrainer(PerftTrainerMixin, Trainer): ...`.
+`PerftSFTTrainer` also counts the PERFT-R balance loss when TRL's MoE aux-loss channel is off;
+`PerftDPOTrainer` uses the policy's base with adapters off as DPO's reference (as TRL does
+for a PEFT model) where the plain DPOTrainer would load a second copy of the base.
 """
 
 from __future__ import annotations
