@@ -39,6 +39,8 @@ from perft.peft_compat import NotMergeableMixin, is_fused_lm_head_patch, transfo
 
 DEFAULT_ADAPTER = "default"
 BASE_ROWS = "__base__"  # in adapter_names: this row runs the base model without any adapter
+
+
 class PerftModel(NotMergeableMixin, nn.Module):
     """A base causal LM whose MoE blocks carry PERFT adapter experts; only adapters train."""
 

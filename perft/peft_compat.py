@@ -22,9 +22,7 @@ NOT_MERGEABLE = (
     "untouched base model back"
 )
 TRANSFORMERS_PEFT_ONLY = {"get_adapter_state_dict": "adapter_state_dict(adapter_name)",
-                           "active_adapters": "active_adapters (a property here)",
-                           "enable_peft_hotswap": None, "load_adapter_hotswap": None}
-
+                          "enable_peft_hotswap": None, "load_adapter_hotswap": None}
 
 
 def transformers_peft_refusal(name: str) -> PerftError | None:
