@@ -13,7 +13,7 @@ from perft.adapter_kinds import ACTIVATIONS as _ACTIVATION_FUNCTIONS
 from perft.adapter_kinds import DROPOUT_SITES, INIT_SCHEMES, adapter_kinds
 from perft.errors import PerftError
 
-VARIANTS = ("routed", "embedded", "dense", "single")
+VARIANTS = ("routed", "embedded", "dense", "single")  # the built-in ones; perft.variants.variant_names() has all
 ACTIVATIONS = tuple(_ACTIVATION_FUNCTIONS)
 ADAPTER_DTYPES = ("float32", "bfloat16", "float16", "auto")
 CONFIG_NAME = "adapter_config.json"
@@ -73,7 +73,9 @@ class PerftConfig:
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
         """Raise `PerftError` naming the first impossible setting and how to fix it."""
-        _check_choice("variant", self.variant, VARIANTS)
+        from perft.variants import get_variant  # the registry imports adapters; import it lazily
+
+        variant = get_variant(self.variant)
         _check_choice("adapter", self.adapter, adapter_kinds())
         _check_choice("init", self.init, INIT_SCHEMES)
         if self.dropout_at is not None:
@@ -83,11 +85,7 @@ class PerftConfig:
         _check_int("rank", self.rank, minimum=1)
         _check_int("num_experts", self.num_experts, minimum=1)
         _check_int("top_k", self.top_k, minimum=1)
-        if self.variant == "routed" and self.top_k > self.num_experts:
-            raise PerftError(
-                f"top_k={self.top_k} is larger than num_experts={self.num_experts}; "
-                "a router cannot pick more experts than it has: lower top_k or raise num_experts"
-            )
+        variant.validate(self)
         if self.alpha is not None and (not _is_number(self.alpha) or not math.isfinite(self.alpha)):
             raise PerftError(f"alpha must be a finite number, got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:

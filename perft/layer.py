@@ -1,11 +1,14 @@
 """`PerftLayer`: the PERFT adapter experts of one MoE block, and the hooks that attach them.
 
-The layer is registered as a child (`perft_adapter`) of the frozen MoE block, so it moves,
-shards (FSDP) and checkpoints with its decoder layer, and a forward hook adds its output
-to the block's output. PERFT-E gates its experts with exactly the weights the base block
-applies, so it hooks the fused `experts` module instead, whose inputs are
-`(hidden_states, top_k_index, top_k_weights)` after the router's own normalisation
-(softmax, sigmoid with bias correction, grouped top-k: whatever the architecture does).
+The layer is registered as a child (`perft_adapter`, or `perft_adapter_<name>` for a named
+adapter) of the frozen MoE block, so it moves, shards (FSDP) and checkpoints with its
+decoder layer, and a forward hook adds its output to the block's output. The variant
+(`perft.variants`) says where the hook goes: PERFT-E gates its experts with exactly the
+weights the base block applies, so it hooks the fused `experts` module, whose inputs are
+`(hidden_states, top_k_index, top_k_weights)` after the router's own normalisation.
+
+Mixed batches: with `rows` set (a bool [B] tensor), the layer adapts only those batch rows,
+so several adapters on one base each serve their own rows of one forward.
 """
 
 from __future__ import annotations
@@ -15,11 +18,15 @@ from typing import Any
 import torch
 from torch import nn
 
-from perft.adapters import AdapterExperts, AdapterRouter, dense_routing_weights, switch_balance_terms
-from perft.arch import MoEBlockInfo
+from perft.adapters import AdapterExperts, AdapterRouter, dense_routing_weights
+from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
+from perft.errors import PerftError
+from perft.model_io import base_shapes
+from perft.variants import get_variant
 
 ATTR_NAME = "perft_adapter"
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class PerftLayer(nn.Module):
@@ -28,7 +35,8 @@ class PerftLayer(nn.Module):
     def __init__(self, config: PerftConfig, block: MoEBlockInfo, *, dtype: torch.dtype, device: Any) -> None:
         super().__init__()
         self.variant = config.variant
-        self.num_experts = num_adapter_experts(config, block.num_experts)
+        self.variant_spec = get_variant(config.variant)
+        self.num_experts = self.variant_spec.num_experts(config, block.num_experts)
         self.experts = AdapterExperts(
             config.adapter,
             self.num_experts,
@@ -42,7 +50,7 @@ class PerftLayer(nn.Module):
             device=device,
         )
         self.router: AdapterRouter | None = None
-        if config.variant == "routed":
+        if self.variant_spec.has_router:
             normalize = block.normalizes_top_k if config.normalize_top_k is None else config.normalize_top_k
             self.router = AdapterRouter(
                 self.num_experts,
@@ -53,9 +61,10 @@ class PerftLayer(nn.Module):
                 dtype=dtype,
                 device=device,
             )
-        self.compute_balance = config.variant == "routed" and config.router_aux_loss_coef > 0
+        self.compute_balance = self.variant_spec.has_router and config.router_aux_loss_coef > 0
         self.enabled = True
         # Transient, per forward pass (not parameters, never saved):
+        self.rows: torch.Tensor | None = None  # [B] bool: adapt only these batch rows (mixed batches)
         self.token_mask: torch.Tensor | None = None  # [T] attention mask of the current batch
         self.balance_terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
         self.last_routing: dict[str, torch.Tensor] | None = None  # set when record_routing is on
@@ -64,32 +73,39 @@ class PerftLayer(nn.Module):
     # ------------------------------------------------------------------ math
     def delta(self, x: torch.Tensor, base_index: torch.Tensor | None = None, base_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter output for flat tokens x [T, d] (same dtype as x)."""
-        dtype = self.experts.down.dtype
-        weights = None
-        if self.variant == "routed":
-            assert self.router is not None
-            # The router works in fp32 whatever it is given; it sees x rounded to the adapter dtype.
-            probs, weights, top_index = self.router(x if dtype in (x.dtype, torch.float32) else x.to(dtype))
-            mask = self._mask_for(x.shape[0])
-            if self.compute_balance:
-                self.balance_terms = switch_balance_terms(probs, top_index, mask)
-            if self.record_routing:
-                self.last_routing = {"probs": probs.detach(), "index": top_index.detach()}
-            if self.experts.prefers_selected(x, top_index.shape[1]):  # decoding: read only the chosen experts
-                return self.experts.forward_selected(x, top_index, weights.gather(1, top_index))
-        elif self.variant == "embedded":
-            assert base_index is not None and base_weights is not None
-            if self.experts.prefers_selected(x, base_index.shape[1]):
-                return self.experts.forward_selected(x, base_index, base_weights)
-            weights = dense_routing_weights(base_index, base_weights.to(dtype), self.num_experts)
+        gating = self.variant_spec.gate(self, x, base_index, base_weights)
+        if gating.index is not None and self.experts.prefers_selected(x, gating.index.shape[1]):
+            return self.experts.forward_selected(x, gating.index, gating.weights)  # decoding: only the chosen experts
+        weights = gating.dense
+        if weights is None and gating.index is not None:
+            weights = dense_routing_weights(gating.index, gating.weights, self.num_experts)
         # The experts cast x to the adapter dtype themselves, so that copy is not kept for backward.
         return self.experts(x, weights).to(x.dtype)
 
-    def _mask_for(self, tokens: int) -> torch.Tensor | None:
+    def mask_for(self, tokens: int) -> torch.Tensor | None:
+        """The attention mask of the current tokens, flat, when it covers exactly them."""
         mask = self.token_mask
-        if mask is None or mask.numel() != tokens:
+        if mask is None or mask.numel() != tokens or self.rows is not None:
             return None  # e.g. cached generation, where the mask also covers past tokens
         return mask.reshape(-1)
+
+    _mask_for = mask_for  # the earlier private name
+
+    def _added(self, y: torch.Tensor, x: torch.Tensor, index: torch.Tensor | None = None,
+               weights: torch.Tensor | None = None) -> torch.Tensor:
+        """y + delta(x) over flat tokens, only on the selected batch rows when `rows` is set."""
+        if self.rows is None:
+            return y + self.delta(x, index, weights).view_as(y)
+        rows = self.rows.to(x.device)
+        if x.shape[0] % rows.numel():
+            raise PerftError(f"adapter_names names {rows.numel()} rows but the batch has {x.shape[0]} tokens, "
+                             "not a multiple: give one adapter name per input row (beam search and "
+                             "num_return_sequences > 1 are not supported with adapter_names)")
+        selected = rows.repeat_interleave(x.shape[0] // rows.numel()).nonzero().squeeze(1)
+        part = self.delta(x[selected], None if index is None else index[selected],
+                          None if weights is None else weights[selected])
+        flat = y.reshape(-1, y.shape[-1])
+        return flat.index_add(0, selected, part.to(flat.dtype)).view_as(y)
 
     # ------------------------------------------------------------------ hooks
     def block_hook(self, block: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
@@ -98,7 +114,7 @@ class PerftLayer(nn.Module):
             return None
         x = args[0] if args else kwargs["hidden_states"]
         y = output[0] if isinstance(output, tuple) else output
-        y = y + self.delta(x.reshape(-1, x.shape[-1])).view_as(y)
+        y = self._added(y, x.reshape(-1, x.shape[-1]))
         return (y, *output[1:]) if isinstance(output, tuple) else y
 
     def experts_hook(self, experts: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> Any:
@@ -109,21 +125,75 @@ class PerftLayer(nn.Module):
         x, index, weights = values[0], values[1], values[2]
         if self.record_routing:
             self.last_routing = {"index": index.detach(), "weights": weights.detach()}
-        return output + self.delta(x, index, weights).view_as(output)
+        return self._added(output, x, index, weights)
 
 
 def num_adapter_experts(config: PerftConfig, base_num_experts: int) -> int:
-    """N in the formulas: base expert count for embedded, 1 for single."""
-    return {"embedded": base_num_experts, "single": 1}.get(config.variant, config.num_experts)
+    """N in the formulas: base expert count for embedded, 1 for single (as the variant says)."""
+    return get_variant(config.variant).num_experts(config, base_num_experts)
 
 
-def attach(config: PerftConfig, block: MoEBlockInfo, dtype: torch.dtype) -> tuple[PerftLayer, list]:
-    """Create the layer as a child of the block and register its hook; returns (layer, handles)."""
+def attach(config: PerftConfig, block: MoEBlockInfo, dtype: torch.dtype,
+           attr_name: str = ATTR_NAME) -> tuple[PerftLayer, list]:
+    """Create the layer as child `attr_name` of the block and register its hook; returns (layer, handles)."""
     device = next(block.module.parameters()).device
     layer = PerftLayer(config, block, dtype=dtype, device=device)
-    block.module.add_module(ATTR_NAME, layer)
-    if config.variant == "embedded":
+    block.module.add_module(attr_name, layer)
+    if layer.variant_spec.hooks_experts:
         handle = block.experts.register_forward_hook(layer.experts_hook, with_kwargs=True)
     else:
         handle = block.module.register_forward_hook(layer.block_hook, with_kwargs=True)
     return layer, [handle]
+
+
+def attach_all(config: PerftConfig, base_model: nn.Module, blocks: list[MoEBlockInfo],
+               attr_name: str) -> tuple[dict[str, PerftLayer], list]:
+    """Attach one adapter to the blocks `config.layers` selects (filling in `config`'s base facts).
+
+    Returns (block path -> layer, hook handles); out of memory, it removes what it attached and
+    raises a PerftError.
+    """
+    blocks = _select_layers(blocks, config.layers)
+    _fill_base_facts(config, base_model, blocks)
+    dtype = _DTYPES[config.adapter_dtype] if config.adapter_dtype != "auto" else next(base_model.parameters()).dtype
+    layers: dict[str, PerftLayer] = {}
+    handles: list = []
+    try:
+        for block in blocks:
+            layer, block_handles = attach(config, block, dtype, attr_name)
+            layers[block.path] = layer
+            handles.extend(block_handles)
+    except (RuntimeError, MemoryError) as err:
+        for handle in handles:
+            handle.remove()
+        for block in blocks:
+            if hasattr(block.module, attr_name):
+                delattr(block.module, attr_name)
+        if isinstance(err, RuntimeError) and "alloc" not in str(err).lower():
+            raise
+        raise PerftError(
+            f"cannot allocate the adapter weights (rank={config.rank}, num_experts={config.num_experts} on "
+            f"{len(blocks)} MoE blocks of hidden size {blocks[0].hidden_size}): out of memory; "
+            "lower rank or num_experts"
+        ) from None
+    return layers, handles
+
+
+def _select_layers(blocks: list[MoEBlockInfo], layers: list[int] | None) -> list[MoEBlockInfo]:
+    if layers is None:
+        return blocks
+    available = [b.layer for b in blocks]
+    unknown = sorted(set(layers) - set(available))
+    if unknown:
+        raise PerftError(f"layers {unknown} have no MoE block; this model's MoE layers are {available}")
+    return [b for b in blocks if b.layer in set(layers)]
+
+
+def _fill_base_facts(config: PerftConfig, base_model: nn.Module, blocks: list[MoEBlockInfo]) -> None:
+    base_config = getattr(base_model, "config", None)
+    name = getattr(base_config, "_name_or_path", None) or getattr(base_model, "name_or_path", None)
+    config.base_model_name_or_path = config.base_model_name_or_path or (str(name) if name else None)
+    config.model_type = getattr(base_config, "model_type", None)
+    config.base_shapes = base_shapes(base_model, require_moe_blocks(base_model))
+    config.base_shapes["adapted_blocks"] = [b.path for b in blocks]
+

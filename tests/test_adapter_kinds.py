@@ -71,9 +71,8 @@ def test_toy_kind_computes_its_formula(toy_kind):
 
 
 def test_toy_kind_trains_one_step_and_saves_under_its_names(toy_kind, tmp_path):
-    from tests.helpers.training import adapter_tensors, config, make_workspace
-
     from perft.training import train
+    from tests.helpers.training import adapter_tensors, config, make_workspace
 
     ws = make_workspace(tmp_path / "ws", n_records=20)
     result = train(config(ws, tmp_path / "run", adapter="toy", max_steps=1, val_set_size=0, dropout=0.1,

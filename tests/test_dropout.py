@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers.training import adapter_tensors, config, make_workspace, max_abs_diff
 
 from perft.adapters import AdapterExperts
 from perft.dropout import DropoutKeys, keyed_dropout
+from tests.helpers.training import adapter_tensors, config, make_workspace, max_abs_diff
 
 
 def test_masks_follow_the_sample_not_its_batch_or_padding():

@@ -17,20 +17,27 @@ from pathlib import Path
 from typing import Any
 
 from perft.adapter_kinds import INIT_SCHEMES, adapter_kinds
-from perft.config import ACTIVATIONS, VARIANTS, PerftConfig
+from perft.config import ACTIVATIONS, PerftConfig
 from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
 from perft.methods import get_method, method_names
+from perft.variants import variant_names
 
 
-class _RegisteredMethods:
-    """A live view of the method registry, so a method registered later is a valid choice."""
+class _Registered:
+    """A live view of a registry's names, so something registered later is a valid choice too."""
 
-    def __iter__(self):  # noqa: ANN204
-        return iter(method_names())
+    def __init__(self, names: Any) -> None:
+        self._names = names
+
+    def __iter__(self) -> Any:
+        return iter(self._names())
 
     def __contains__(self, name: object) -> bool:
-        return name in method_names()
+        return name in self._names()
+
+    def __len__(self) -> int:
+        return len(self._names())
 
 
 SCHEDULERS = ("linear", "cosine", "constant", "constant_with_warmup", "polynomial", "inverse_sqrt")
@@ -136,19 +143,6 @@ def translate_aliases(data: dict[str, Any], source: str = "config") -> dict[str,
     return out
 
 
-class _AdapterChoices:
-    """The registered adapter kinds, read when asked (a kind registered later is a choice too)."""
-
-    def __iter__(self) -> Any:
-        return iter(adapter_kinds())
-
-    def __contains__(self, name: object) -> bool:
-        return name in adapter_kinds()
-
-    def __len__(self) -> int:
-        return len(adapter_kinds())
-
-
 def paper_aux_coef(model_type: str | None) -> float:
     """The paper's load-balance coefficient for a base-model family (0.02 Mixtral, else 0.01)."""
     return PAPER_AUX_COEF.get(str(model_type), PAPER_AUX_COEF_DEFAULT)
@@ -176,11 +170,11 @@ class TrainingConfig:
     trust_remote_code: bool = _f(False, "allow the model's own Python code to run", "data and model")
     # -- method
     method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
-                     choices=_RegisteredMethods())
+                     choices=_Registered(method_names))
     variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
-                      choices=VARIANTS)
+                      choices=_Registered(variant_names))
     adapter: str = _f("lora", "adapter expert kind (a registered kind: perft/adapter_kinds.py)", "method",
-                      choices=_AdapterChoices())
+                      choices=_Registered(adapter_kinds))
     num_experts: int = _f(4, "adapter experts N (routed, dense)", "method")
     top_k: int = _f(2, "adapter experts per token K (routed)", "method")
     rank: int = _f(16, "adapter rank r (bottleneck width)", "method")

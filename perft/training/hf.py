@@ -1,15 +1,21 @@
-"""Train a `PerftModel` with `transformers.Trainer` or TRL's `SFTTrainer`.
+"""Adapter-only checkpoints for `transformers.Trainer` and TRL's `SFTTrainer`.
 
-Both trainers handle a `PerftModel` like any `nn.Module`, except for saving: a module that
-is neither a `PreTrainedModel` nor a `PeftModel` is saved as its *whole* state dict (the
-frozen base included) and cannot be loaded back as a best checkpoint or on resume.
-`PerftTrainerMixin` makes every save write only the adapter (`PerftModel.save_pretrained`)
-and every load (resume, best checkpoint) read it back:
+A PerftModel trains in the plain trainers as it is (`Trainer(model=perft_model, ...)`,
+`SFTTrainer(model=perft_model, ...)`): their checkpoints hold the model's whole
+`state_dict()`, frozen base included, which resume, `load_best_model_at_end` and
+`PerftModel.from_pretrained(base, checkpoint_dir)` all read back (see `perft.model_io`).
+
+What the wrappers here add is size: `PerftTrainerMixin` makes every checkpoint hold only
+the adapter (`PerftModel.save_pretrained`: a few MB instead of a copy of the base model per
+checkpoint) and reads it back on resume and for the best checkpoint:
 
     from perft.training.hf import PerftTrainer, PerftSFTTrainer
     trainer = PerftTrainer(model=perft_model, args=TrainingArguments(...), ...)
 
 or mix it into your own subclass: `class MyTrainer(PerftTrainerMixin, Trainer): ...`.
+`PerftSFTTrainer` also counts the PERFT-R balance loss when TRL's MoE aux-loss channel is off;
+`PerftDPOTrainer` uses the policy's base with adapters off as DPO's reference (as TRL does
+for a PEFT model) where the plain DPOTrainer would load a second copy of the base.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import functools
 import os
 from typing import Any
 
+from torch import nn
 from transformers import Trainer
 
 from perft.config import WEIGHTS_NAME
@@ -28,9 +35,6 @@ from perft.model import PerftModel
 def _perft_model(trainer: Any) -> PerftModel | None:
     model = trainer.accelerator.unwrap_model(trainer.model) if hasattr(trainer, "accelerator") else trainer.model
     return model if isinstance(model, PerftModel) else None
-
-
-_SFT_ONLY_KEYS = ("completion_mask", "assistant_masks")
 
 
 class PerftTrainerMixin:
@@ -66,7 +70,7 @@ class PerftTrainerMixin:
 
 
 class PerftTrainer(PerftTrainerMixin, Trainer):
-    """`transformers.Trainer` that saves and restores only the PERFT adapter."""
+    """`transformers.Trainer` whose checkpoints hold only the PERFT adapter."""
 
 
 @functools.cache
@@ -76,21 +80,69 @@ def perft_sft_trainer_class() -> type:
 
     def compute_loss(self: Any, model: Any, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Any = None) -> Any:
-        """The model's own loss (cross-entropy + load-balance losses), as `transformers.Trainer` computes it.
+        """TRL's loss, plus the PERFT-R balance loss when TRL's MoE aux-loss channel did not carry it.
 
-        SFTTrainer's fused LM-head path calls the backbone directly and would skip the PERFT
-        forward (and its PERFT-R balance loss); its entropy / token-accuracy metrics are not
-        logged for PERFT models.
+        SFTTrainer rebuilds its loss from the fused LM head's log-probs and adds only
+        `router_aux_loss_coef * aux_loss`; PerftModel adds its balance loss into that `aux_loss`
+        when the channel is on (the default for MoE bases), else it is added here.
         """
-        if _perft_model(self) is None:
-            return SFTTrainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
-        inputs = {k: v for k, v in inputs.items() if k not in _SFT_ONLY_KEYS}
-        return Trainer.compute_loss(self, model, inputs, return_outputs, num_items_in_batch)
+        loss, outputs = SFTTrainer.compute_loss(self, model, inputs, True, num_items_in_batch)
+        perft = _perft_model(self)
+        aux = outputs.get("perft_aux_loss") if isinstance(outputs, dict) else None
+        if perft is not None and aux is not None and not outputs.get("perft_aux_in_aux_loss"):
+            steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+            loss = loss + perft.perft_config.router_aux_loss_coef * aux.to(loss.dtype) / steps
+        return (loss, outputs) if return_outputs else loss
 
-    return type("PerftSFTTrainer", (PerftTrainerMixin, SFTTrainer), {"compute_loss": compute_loss})
+    return type("PerftSFTTrainer", (PerftTrainerMixin, SFTTrainer), {
+        "__doc__": "TRL's `SFTTrainer` with adapter-only checkpoints and the PERFT-R balance loss always counted.",
+        "compute_loss": compute_loss})
+
+
+class AdapterDisabledReference(nn.Module):
+    """DPO's reference model as PEFT gives it: the policy's own base, run with its adapters off.
+
+    No second copy of the base: calls run the PerftModel's wrapped causal LM inside
+    `disable_adapter()`. Attribute reads (config, `base_model`, the LM head) go to that causal
+    LM, so TRL's fused LM head patches this object as it would a transformers model.
+    """
+
+    def __init__(self, model: PerftModel) -> None:
+        super().__init__()
+        object.__setattr__(self, "_perft", model)  # not a submodule: its parameters stay the policy's
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self._perft.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._perft.base_model(*args, **kwargs)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        with self._perft.disable_adapter():
+            return super().__call__(*args, **kwargs)
+
+
+@functools.cache
+def perft_dpo_trainer_class() -> type:
+    """TRL's `DPOTrainer` with adapter-only checkpoints and, by default, the adapter-disabled base as reference."""
+    from trl import DPOTrainer
+
+    def __init__(self: Any, model: Any, ref_model: Any = None, *args: Any, **kwargs: Any) -> None:
+        if ref_model is None and isinstance(model, PerftModel):
+            ref_model = AdapterDisabledReference(model)
+        DPOTrainer.__init__(self, model, ref_model, *args, **kwargs)
+
+    return type("PerftDPOTrainer", (PerftTrainerMixin, DPOTrainer), {
+        "__doc__": "TRL's `DPOTrainer` whose reference is the policy's base with adapters off (no second copy).",
+        "__init__": __init__})
 
 
 def __getattr__(name: str) -> Any:
     if name == "PerftSFTTrainer":  # lazily, so importing this module does not need trl
         return perft_sft_trainer_class()
+    if name == "PerftDPOTrainer":
+        return perft_dpo_trainer_class()
     raise AttributeError(name)

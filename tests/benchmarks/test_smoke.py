@@ -53,3 +53,11 @@ def test_generation_quick_prints_every_method():
     rows = _rows(out, "### generation, layer")
     assert set(rows) == set(METHODS)
     assert all(rows[m][2] == "4" for m in METHODS)  # every method generated the requested tokens
+
+
+def test_mixed_adapters_quick_prints_the_three_cases():
+    out = _run("mixed_adapters.py", "--target", "small")
+    table = out.split("mixed-batch generation, small", 1)[1]
+    for case in ("| 1 adapter |", "| 1 adapter via adapter_names |", "| 8 adapters |"):
+        assert case in table
+    assert "| 32 |" in table  # 8 rows x 4 new tokens generated in every case

@@ -8,9 +8,9 @@ import re
 from pathlib import Path
 
 import yaml
-from tests.helpers.training import make_workspace
 
 from perft.training.args import TrainingConfig, paper_aux_coef
+from tests.helpers.training import make_workspace
 
 REPO = Path(__file__).resolve().parents[2]
 
