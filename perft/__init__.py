@@ -4,6 +4,7 @@ from perft.arch import MoEArchitecture, find_moe_blocks, register_architecture
 from perft.config import PerftConfig
 from perft.errors import PerftError
 from perft.model import PerftModel, get_perft_model
+from perft.quantization import quantize_moe_experts
 
 __version__ = "0.1.0"
 
@@ -14,6 +15,7 @@ __all__ = [
     "PerftModel",
     "find_moe_blocks",
     "get_perft_model",
+    "quantize_moe_experts",
     "register_architecture",
     "__version__",
 ]
