@@ -14,6 +14,7 @@ call signature `(hidden_states, top_k_index, top_k_weights)`, so PERFT's hooks s
 
 from __future__ import annotations
 
+import logging
 import sys
 import types
 from typing import Any
@@ -53,6 +54,9 @@ def check_quant_settings(bits: int, quant_type: str = "nf4") -> None:
 
 def bnb_functional() -> Any:
     """bitsandbytes' functional module, or a PerftError saying how to install it."""
+    # Its CPU backend warns at import when the optional hub kernel (`kernels` package) is absent;
+    # perft never uses that fused 4-bit GEMM, so the warning is noise here.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
     try:
         import bitsandbytes.functional as bnb_f
     except ImportError as err:
