@@ -223,3 +223,38 @@ def expert_storage_bytes(model: nn.Module) -> int:
             elif isinstance(weight, torch.Tensor):
                 total += weight.numel() * weight.element_size()
     return total
+
+
+# ------------------------------------------------------------------ loading options (CLI flags)
+def expert_quantization(load_in_4bit: bool = False, load_in_8bit: bool = False,
+                        bnb_4bit_quant_type: str = "nf4") -> tuple[int, str] | None:
+    """(bits, quant_type) from the transformers-style loading flags, or None for a full-precision base."""
+    if load_in_4bit and load_in_8bit:
+        raise PerftError("--load-in-4bit and --load-in-8bit exclude each other: choose one")
+    if not load_in_4bit and bnb_4bit_quant_type != "nf4":
+        raise PerftError(f"--bnb-4bit-quant-type {bnb_4bit_quant_type} applies only with --load-in-4bit")
+    if load_in_4bit:
+        check_quant_settings(4, bnb_4bit_quant_type)
+        return 4, bnb_4bit_quant_type
+    return (8, "nf4") if load_in_8bit else None
+
+
+QUANTIZATION_HELP = {
+    "load_in_4bit": "store the base's fused MoE experts in 4 bits (bitsandbytes NF4/FP4; needs perft[quant]); "
+                    "attention and embeddings stay in the model dtype",
+    "load_in_8bit": "store the base's fused MoE experts in int8 (bitsandbytes; needs perft[quant])",
+    "bnb_4bit_quant_type": "4-bit data type of --load-in-4bit",
+}
+
+
+def add_quantization_arguments(parser: Any) -> None:
+    """--load-in-4bit / --load-in-8bit / --bnb-4bit-quant-type on an argparse CLI."""
+    parser.add_argument("--load-in-4bit", action="store_true", help=QUANTIZATION_HELP["load_in_4bit"])
+    parser.add_argument("--load-in-8bit", action="store_true", help=QUANTIZATION_HELP["load_in_8bit"])
+    parser.add_argument("--bnb-4bit-quant-type", default="nf4", choices=QUANT_TYPES_4BIT,
+                        help=QUANTIZATION_HELP["bnb_4bit_quant_type"] + " (default: nf4)")
+
+
+def quantization_kwargs(args: Any) -> dict[str, Any]:
+    """The `load_base_model` keyword arguments the flags of `add_quantization_arguments` ask for."""
+    return {name: getattr(args, name) for name in QUANTIZATION_HELP if hasattr(args, name)}

@@ -247,7 +247,9 @@ class Trainer:
         from perft.loading import load_base_model
 
         set_seed(cfg.seed)
-        base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
+        base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code,
+                               load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+                               bnb_4bit_quant_type=cfg.bnb_4bit_quant_type)
         self.base_aux_coef = configure_base_router_loss(base, cfg.base_router_aux_loss_coef)
         self.pass_router_flag = hasattr(getattr(base, "config", None), "output_router_logits")
         if hasattr(base, "config"):
