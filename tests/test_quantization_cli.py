@@ -85,3 +85,24 @@ def test_eval_cli_runs_on_a_4bit_base(tmp_path, capsys):
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "tiny_commonsense" in captured.out
+
+
+@pytest.mark.slow
+def test_ddp_on_a_4bit_base_matches_one_process(tmp_path):
+    """Two gloo processes (DDP) on a 4-bit base train the same adapter as one process, as on a full base."""
+    import subprocess
+
+    from train_helpers import PYTHON, config_flags, subprocess_env
+
+    ws = make_workspace(tmp_path / "ws", n_records=42)
+    settings = dict(dropout=0.0, epochs=1.0, eval_steps=3, save_steps=3, eval_batch_size=3, micro_batch_size=2,
+                    load_in_4bit=True)
+    with one_thread():
+        train(config(ws, tmp_path / "single", **settings))
+    cfg = config(ws, tmp_path / "ddp", strategy="ddp", **settings)
+    cmd = [PYTHON, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "perft", "train",
+           *config_flags(cfg)]
+    proc = subprocess.run(cmd, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    diff = max_abs_diff(adapter_tensors(tmp_path / "ddp" / "checkpoint-9"), adapter_tensors(tmp_path / "single" / "checkpoint-9"))
+    assert diff < 1e-6, diff
