@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import types
+import weakref
 from typing import Any
 
 import torch
@@ -135,7 +137,11 @@ class QuantizedExpertWeights(nn.Module):
         return sum(b.numel() * b.element_size() for b in self.buffers())
 
     def __getitem__(self, expert: int | torch.Tensor) -> torch.Tensor:
-        return self.dequantize_expert(int(expert))
+        weight = self.dequantize_expert(int(expert))
+        recorder = getattr(_RECORDER, "current", None)
+        if recorder is not None:
+            recorder.record(weight, self, int(expert))
+        return weight
 
     def dequantize_expert(self, expert: int) -> torch.Tensor:
         bnb_f = bnb_functional()
@@ -159,8 +165,51 @@ def _eager_forward(experts: nn.Module) -> Any:
     return getattr(forward, "__wrapped__", forward)
 
 
+class _DequantizedForBackward:
+    """Keeps autograd from holding dequantized expert weights between forward and backward.
+
+    `F.linear(x, W)` saves W to compute x's gradient; for a quantized base that would keep every
+    selected expert in full precision until backward, undoing the saving. Inside the experts
+    forward, weights made by `store[e]` are saved as (store, expert, view) and dequantized again
+    in backward, as bitsandbytes' own 4-bit matmul does.
+    """
+
+    def __init__(self) -> None:
+        self.made: dict[int, tuple[weakref.ref, QuantizedExpertWeights, int]] = {}
+
+    def record(self, weight: torch.Tensor, store: QuantizedExpertWeights, expert: int) -> None:
+        self.made[id(weight)] = (weakref.ref(weight), store, expert)
+
+    def pack(self, t: torch.Tensor) -> Any:
+        base = t if t._base is None else t._base
+        entry = self.made.get(id(base))
+        if entry is None or entry[0]() is not base:
+            return t
+        return (entry[1], entry[2], t is base, t.size(), t.stride(), t.storage_offset())
+
+    @staticmethod
+    def unpack(packed: Any) -> torch.Tensor:
+        if isinstance(packed, torch.Tensor):
+            return packed
+        store, expert, whole, size, stride, offset = packed
+        weight = store.dequantize_expert(expert)
+        return weight if whole else weight.as_strided(size, stride, offset)
+
+
+_RECORDER = threading.local()
+
+
 def _quantized_experts_forward(self: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-    return _eager_forward(self)(self, *args, **kwargs)
+    forward = _eager_forward(self)
+    if not torch.is_grad_enabled():
+        return forward(self, *args, **kwargs)
+    recorder = _DequantizedForBackward()
+    previous, _RECORDER.current = getattr(_RECORDER, "current", None), recorder
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(recorder.pack, recorder.unpack):
+            return forward(self, *args, **kwargs)
+    finally:
+        _RECORDER.current = previous
 
 
 def quantized_expert_stores(model: nn.Module) -> list[QuantizedExpertWeights]:

@@ -211,3 +211,28 @@ def test_missing_bitsandbytes_is_a_clear_error(checkpoints, monkeypatch):
     with pytest.raises(PerftError, match=r"pip install 'perft\[quant\]'"):
         quantize_moe_experts(model, 4)
     assert not quantized_expert_stores(model)
+
+
+def test_backward_dequantizes_again_instead_of_keeping_full_weights(checkpoints, monkeypatch):
+    """Autograd saves (store, expert) for the weights, not the dequantized tensors; gradients stay exact."""
+    path = checkpoints["gpt_oss"]  # transposed weights with biases: `x @ W[e]` rather than F.linear
+    quantized = quantize_moe_experts(load(path), 4)
+    reference = dequantized_copy(path, quantized)
+    grads = []
+    calls = []
+    original = QuantizedExpertWeights.dequantize_expert
+    monkeypatch.setattr(QuantizedExpertWeights, "dequantize_expert", lambda self, e: calls.append(e) or original(self, e))
+    for base in (quantized, reference):
+        torch.manual_seed(0)
+        model = get_perft_model(base, PerftConfig(num_experts=4, top_k=2, rank=4, alpha=8, dropout=0.0))
+        with torch.no_grad():
+            for param in model.parameters():
+                if param.requires_grad and param.abs().sum() == 0:
+                    param.fill_(0.01)  # zero-initialised B: give the base's backward a non-zero path
+        loss = model(**batch(3)).loss
+        forward_calls = len(calls)
+        loss.backward()
+        if base is quantized:
+            assert len(calls) > forward_calls  # weights were dequantized again for backward
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
