@@ -220,6 +220,27 @@ def _bnb_linear_count(model: nn.Module) -> int:
     return sum(1 for m in model.modules() if type(m).__name__ in ("Linear4bit", "Linear8bitLt"))
 
 
+def attach_store(experts: nn.Module, name: str, store: QuantizedExpertWeights) -> None:
+    """Put `store` in place of the experts module's fused weight `name` and switch it to the quantized forward."""
+    experts._parameters.pop(name, None)
+    experts.add_module(name, store)
+    experts.forward = types.MethodType(_quantized_experts_forward, experts)
+
+
+def quantize_experts_module(experts: nn.Module, bits: int = 4, quant_type: str = "nf4", *,
+                            compute_dtype: torch.dtype | None = None, blocksize: int = BLOCKSIZE) -> int:
+    """Quantize one fused-experts module's 3-D weights in place; returns how many it quantized."""
+    count = 0
+    for name in FUSED_WEIGHT_NAMES:
+        weight = experts._parameters.get(name)
+        if weight is None or weight.dim() != 3:
+            continue
+        attach_store(experts, name, QuantizedExpertWeights(weight.data, bits, quant_type, compute_dtype=compute_dtype,
+                                                           blocksize=blocksize))
+        count += 1
+    return count
+
+
 def quantize_moe_experts(model: nn.Module, bits: int = 4, quant_type: str = "nf4", *,
                          compute_dtype: torch.dtype | None = None, blocksize: int = BLOCKSIZE,
                          verbose: bool = True) -> nn.Module:
@@ -236,21 +257,8 @@ def quantize_moe_experts(model: nn.Module, bits: int = 4, quant_type: str = "nf4
     blocks = find_moe_blocks(model)
     if not blocks:
         raise PerftError("quantize_moe_experts found no MoE block in this model; it quantizes fused MoE experts only")
-    count = 0
-    for block in blocks:
-        experts = block.experts
-        for name in FUSED_WEIGHT_NAMES:
-            weight = experts._parameters.get(name)
-            if weight is None or weight.dim() != 3:
-                continue
-            store = QuantizedExpertWeights(weight.data, bits, quant_type, compute_dtype=compute_dtype,
-                                           blocksize=blocksize)
-            del experts._parameters[name]
-            experts.add_module(name, store)
-            del weight
-            count += 1
-        if any(isinstance(m, QuantizedExpertWeights) for m in experts.children()):
-            experts.forward = types.MethodType(_quantized_experts_forward, experts)
+    count = sum(quantize_experts_module(block.experts, bits, quant_type, compute_dtype=compute_dtype,
+                                        blocksize=blocksize) for block in blocks)
     if count == 0 and not quantized_expert_stores(model):
         raise PerftError("the MoE blocks of this model have no fused 3-D expert weights (gate_up_proj/down_proj) to quantize")
     linears = _bnb_linear_count(model)
