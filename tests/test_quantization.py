@@ -122,6 +122,8 @@ def test_only_adapters_train_on_a_quantized_base(checkpoints, variant):
     with torch.no_grad():
         assert torch.equal(model(**batch()).logits, before)  # adapters start as an exact no-op
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert model.get_nb_trainable_parameters()[1] == sum(p.numel() for p in load(checkpoints["olmoe"]).parameters()) + sum(
+        p.numel() for n, p in model.named_parameters() if "perft_adapter" in n)  # the store counts as its weights
     assert trainable and all("perft_adapter" in n for n in trainable)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
     losses = []
