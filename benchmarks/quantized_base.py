@@ -144,7 +144,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def render(results: list[dict[str, Any]], args: argparse.Namespace) -> str:
-    ref = next(r for r in results if r["base"] == "bf16")
+    ref = next((r for r in results if r["base"] == "bf16"), results[0])
     lines = [f"OLMoE-1B-7B shapes ({args.layers} layers, 64 experts top-8, random weights), PERFT-R N=8 top-2 r=16 "
              f"fp32 adapters, 1 x {args.tokens} tokens, {args.threads} thread(s), median of {args.steps} step(s) after "
              f"{args.warmup} warm-up", "",
