@@ -169,6 +169,7 @@ def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
     """(adapter parameters, all parameters) of a loaded adapted model."""
     if method.settings.get("method", "perft") == "perft":
         adapter = sum(v.numel() for v in model.adapter_state_dict().values())
+        return adapter, model.get_nb_trainable_parameters()[1]  # counts quantized expert weights too
     else:
         adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
     return adapter, sum(p.numel() for p in model.parameters())
