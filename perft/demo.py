@@ -63,6 +63,7 @@ class DemoConfig:
     threads: int | None = None
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
+    base_quantization: dict[str, Any] = field(default_factory=dict)  # load_base_model's load_in_4bit etc.
 
 
 @dataclass
@@ -120,7 +121,7 @@ def training_config(method: Method, base: Path, train_file: Path, output: Path, 
         "save_steps": 100, "save_total_limit": 1, "logging_steps": 10, "dropout": 0.0,
         "train_on_inputs": False,  # response-only loss: see docs/tiny-model.md
         "report_to": "tensorboard", "progress": cfg.progress, "overwrite_output_dir": True, "bf16": "false",
-        "max_steps": cfg.max_steps, **method.settings, **cfg.extra,
+        "max_steps": cfg.max_steps, **method.settings, **cfg.base_quantization, **cfg.extra,
     }
     return TrainingConfig.from_dict(settings, source=f"demo method {method.name}")
 
@@ -144,7 +145,7 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
         result = train_method(method, base, tasks / task / "train.json", out / task, cfg, seed)
         if result.adapter_dir is None:
             raise PerftError(f"training {method.name} on {task} ended without an adapter ({result.status})")
-        model = _load_adapted(base, Path(result.adapter_dir))
+        model = _load_adapted(base, Path(result.adapter_dir), cfg)
         trainable, total = _count_parameters(model, method)
         scores.update(evaluate(model, tokenizer, tasks, out / task / "eval", cfg, tasks=(task,)))
         adapters[task], histories[task] = str(result.adapter_dir), list(result.history)
@@ -152,11 +153,11 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
                         adapters, histories)
 
 
-def _load_adapted(base: Path, adapter: Path) -> Any:
+def _load_adapted(base: Path, adapter: Path, cfg: DemoConfig) -> Any:
     from perft.loading import load_base_model
     from perft.methods import load_adapted
 
-    return load_adapted(load_base_model(str(base), dtype="float32"), adapter)
+    return load_adapted(load_base_model(str(base), dtype="float32", **cfg.base_quantization), adapter)
 
 
 def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
@@ -183,7 +184,7 @@ def _start(cfg: DemoConfig, methods: tuple[Method, ...]) -> tuple[Path, Path, An
         training_config(method, base, tasks / DEMO_TASKS[0] / "train.json", Path(cfg.output), cfg, cfg.seed).validate()
     print(f"perft demo: base model {base}\nperft demo: tasks {', '.join(DEMO_TASKS)} from {tasks}")
     tokenizer = load_tokenizer(str(base), padding_side="left")
-    base_model = load_base_model(str(base), dtype="float32").eval()
+    base_model = load_base_model(str(base), dtype="float32", **cfg.base_quantization).eval()
     base_scores = with_average(evaluate(base_model, tokenizer, tasks, Path(cfg.output) / "base" / "eval", cfg))
     return base, tasks, tokenizer, base_scores
 
@@ -276,7 +277,7 @@ def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapters: dict[str, st
     from perft.analysis.plots import plot_utilisation
     from perft.loading import load_base_model
 
-    model = load_base_model(str(base), dtype="float32").eval()
+    model = load_base_model(str(base), dtype="float32", **cfg.base_quantization).eval()
     options = AnalysisOptions(projection=None, batch_size=32, progress=cfg.progress)
     results: dict[str, Any] = {}
     for task, adapter in adapters.items():
@@ -357,6 +358,10 @@ def regenerate_command(cfg: DemoConfig, seeds: tuple[int, ...]) -> str:
         parts.append(f"--max-eval-samples {cfg.max_eval_samples}")
     if cfg.threads:
         parts.append(f"--threads {cfg.threads}")
+    quant = cfg.base_quantization
+    parts += ["--load-in-4bit"] * bool(quant.get("load_in_4bit")) + ["--load-in-8bit"] * bool(quant.get("load_in_8bit"))
+    if quant.get("load_in_4bit") and quant.get("bnb_4bit_quant_type", "nf4") != "nf4":
+        parts.append(f"--bnb-4bit-quant-type {quant['bnb_4bit_quant_type']}")
     parts.append("--results docs/results-tiny.md")
     return " ".join(parts)
 

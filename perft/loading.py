@@ -67,10 +67,20 @@ def load_base_model(
     trust_remote_code: bool = False,
     experts_implementation: str | None = None,
     device_map: Any = None,
+    load_in_4bit: bool = False,
+    load_in_8bit: bool = False,
+    bnb_4bit_quant_type: str = "nf4",
     **kwargs: Any,
 ) -> nn.Module:
-    """`AutoModelForCausalLM.from_pretrained` with safetensors only and clear errors."""
+    """`AutoModelForCausalLM.from_pretrained` with safetensors only and clear errors.
+
+    `load_in_4bit` / `load_in_8bit` store the fused MoE experts quantized (perft.quantization).
+    """
     from transformers import AutoModelForCausalLM
+
+    from perft.quantization import expert_quantization, quantize_moe_experts
+
+    quantization = expert_quantization(load_in_4bit, load_in_8bit, bnb_4bit_quant_type)
 
     check_local_path(str(name_or_path))
     _refuse_pickle_only(Path(name_or_path))
@@ -82,7 +92,7 @@ def load_base_model(
     from safetensors import SafetensorError
 
     try:
-        return AutoModelForCausalLM.from_pretrained(
+        model = AutoModelForCausalLM.from_pretrained(
             name_or_path,
             dtype=resolve_dtype(dtype),
             trust_remote_code=trust_remote_code,
@@ -98,6 +108,7 @@ def load_base_model(
             raise PerftError(f"cannot load model {name_or_path!r}: the shapes of its weights do not match its "
                              "config.json; the checkpoint is damaged or its config belongs to another model") from None
         raise PerftError(f"cannot load model {name_or_path!r}: {first_line(err)}") from None
+    return quantize_moe_experts(model, *quantization) if quantization else model
 
 
 def load_tokenizer(name_or_path: str, *, trust_remote_code: bool = False, padding_side: str = "right") -> Any:

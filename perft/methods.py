@@ -84,8 +84,11 @@ class Method:
 
     def parameter_count(self, model: nn.Module) -> tuple[int, int]:
         """(adapter parameters, all parameters) of a model built or loaded by this method."""
+        from perft.quantization import quantized_expert_stores
+
         adapter = sum(v.numel() for v in self.adapter_state(model).values())
-        return adapter, sum(p.numel() for p in model.parameters())
+        quantized = sum(store.shape.numel() for store in quantized_expert_stores(model))  # not nn.Parameters
+        return adapter, sum(p.numel() for p in model.parameters()) + quantized
 
 
 _METHODS: dict[str, Method] = {}
@@ -287,8 +290,11 @@ class PeftLora(Method):
         model.save_pretrained(str(directory), safe_serialization=True)
 
     def parameter_count(self, model: nn.Module) -> tuple[int, int]:
+        from perft.quantization import quantized_expert_stores
+
         adapter = sum(p.numel() for n, p in model.named_parameters() if "lora_" in n)
-        return adapter, sum(p.numel() for p in model.parameters())
+        quantized = sum(store.shape.numel() for store in quantized_expert_stores(model))
+        return adapter, sum(p.numel() for p in model.parameters()) + quantized
 
 
 @register_method

@@ -310,9 +310,11 @@ class PerftModel(NotMergeableMixin, nn.Module):
 
     # ------------------------------------------------------------------ parameters
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        """(trainable, total) parameter counts."""
+        """(trainable, total) parameter counts; quantized expert weights count as the weights they hold."""
+        from perft.quantization import quantized_expert_stores
+
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        total = sum(p.numel() for p in self.parameters()) + sum(s.shape.numel() for s in quantized_expert_stores(self))
         return trainable, total
 
     def print_trainable_parameters(self) -> None:

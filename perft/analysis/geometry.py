@@ -40,13 +40,20 @@ def base_expert_vectors(block: MoEBlockInfo) -> np.ndarray:
     return weight.detach().float().cpu().numpy()
 
 
+def _dense(weight: object) -> object:
+    """A quantized expert store (perft.quantization) as its dequantized tensor; anything else as is."""
+    from perft.quantization import QuantizedExpertWeights
+
+    return weight.dequantize() if isinstance(weight, QuantizedExpertWeights) else weight
+
+
 def _up_layout(experts: nn.Module, hidden_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(weight view [E, out, d], indices of its up-projection rows along `out`)."""
     transposed = getattr(experts, "is_transposed", None)
-    weight = getattr(experts, "gate_up_proj", None)
+    weight = _dense(getattr(experts, "gate_up_proj", None))
     gated = isinstance(weight, torch.Tensor)
     if not gated:
-        weight = getattr(experts, "up_proj", None)
+        weight = _dense(getattr(experts, "up_proj", None))
     if not isinstance(weight, torch.Tensor) or weight.dim() != 3:
         raise PerftError(
             f"cannot find the experts' up-projection ({type(experts).__name__} has no 3-D gate_up_proj/up_proj)"

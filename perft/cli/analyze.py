@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from perft.errors import PerftError
+from perft.quantization import add_quantization_arguments, quantization_kwargs
 
 
 def register(subparsers: Any) -> None:
@@ -46,6 +47,7 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--max-length", type=int, default=256, help="tokens per sample (default 256, as training)")
     parser.add_argument("--tokenizer", default=None, help="tokenizer folder/name (default: the model's)")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    add_quantization_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the key sampling and of UMAP")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
@@ -141,7 +143,8 @@ def run(args: argparse.Namespace) -> int:
         hf_logging.disable_progress_bar()
 
     device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            **quantization_kwargs(args))
     model.to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     result = analyze(model, tokenizer, args.data, args.adapter, options, model_name=args.model)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 
 from perft.demo import DemoConfig, run_all_variants, run_demo
+from perft.quantization import add_quantization_arguments, quantization_kwargs
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -30,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--results", default=None, help="markdown file for the --all-variants table "
                         "(e.g. docs/results-tiny.md)")
     parser.add_argument("--no-progress", action="store_true")
+    add_quantization_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -37,7 +39,7 @@ def run(args: argparse.Namespace) -> int:
     from perft.errors import PerftError
 
     cfg = DemoConfig(output=args.output, seed=args.seed, max_eval_samples=args.max_eval_samples, max_steps=args.max_steps,
-                     threads=args.threads, progress=not args.no_progress)
+                     threads=args.threads, progress=not args.no_progress, base_quantization=quantization_kwargs(args))
     if args.epochs is not None:
         cfg.epochs = args.epochs
     if args.lr is not None:

@@ -15,6 +15,7 @@ from typing import Any
 
 from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
+from perft.quantization import add_quantization_arguments, quantization_kwargs
 
 
 def register(subparsers: Any) -> None:
@@ -50,6 +51,7 @@ def register(subparsers: Any) -> None:
                         help="extra folder of lm-eval task YAMLs (repeatable)")
     parser.add_argument("--lm-eval-fewshot", type=int, default=None, help="lm-eval num_fewshot (task default if unset)")
     parser.add_argument("--dtype", default="auto", help="model dtype: auto, bfloat16, float16, float32")
+    add_quantization_arguments(parser)
     parser.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own code to run")
     parser.add_argument("--no-progress", action="store_true", help="no progress bars (perft's, transformers' and lm-eval's)")
@@ -71,7 +73,8 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
 
     from perft.loading import load_base_model, load_tokenizer
 
-    model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code)
+    model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
+                            **quantization_kwargs(args))
     if args.adapter:
         from perft.methods import load_adapted
 

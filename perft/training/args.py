@@ -21,6 +21,7 @@ from perft.config import ACTIVATIONS, PerftConfig
 from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
 from perft.methods import get_method, method_names
+from perft.quantization import QUANT_TYPES_4BIT, QUANTIZATION_HELP, expert_quantization
 from perft.variants import variant_names
 
 
@@ -168,6 +169,10 @@ class TrainingConfig:
     config: str | None = _f(None, "YAML file with any of these settings; flags override it", "data and model")
     model_dtype: str = _f("auto", "dtype of the frozen base model", "data and model", choices=MODEL_DTYPES)
     trust_remote_code: bool = _f(False, "allow the model's own Python code to run", "data and model")
+    load_in_4bit: bool = _f(False, QUANTIZATION_HELP["load_in_4bit"], "data and model")
+    load_in_8bit: bool = _f(False, QUANTIZATION_HELP["load_in_8bit"], "data and model")
+    bnb_4bit_quant_type: str = _f("nf4", QUANTIZATION_HELP["bnb_4bit_quant_type"], "data and model",
+                                  choices=QUANT_TYPES_4BIT)
     # -- method
     method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
                      choices=_Registered(method_names))
@@ -316,6 +321,7 @@ class TrainingConfig:
             choices = f.metadata.get("choices")
             if choices and getattr(self, f.name) not in choices:
                 raise PerftError(f"unknown {f.name} {getattr(self, f.name)!r}; choose one of: {', '.join(choices)}")
+        expert_quantization(self.load_in_4bit, self.load_in_8bit, self.bnb_4bit_quant_type)
         for reporter in self.reporters:
             if reporter not in REPORTERS:
                 raise PerftError(f"unknown report_to {reporter!r}; choose from {', '.join(REPORTERS)}")

@@ -52,7 +52,9 @@ def build_model(cfg: TrainingConfig, ctx: DistributedContext, resume_from: Path 
     from perft.training import checkpoint as ckpt
 
     set_seed(cfg.seed)
-    base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code)
+    base = load_base_model(str(cfg.model), dtype=cfg.model_dtype, trust_remote_code=cfg.trust_remote_code,
+                           load_in_4bit=cfg.load_in_4bit, load_in_8bit=cfg.load_in_8bit,
+                           bnb_4bit_quant_type=cfg.bnb_4bit_quant_type)
     base_aux_coef = configure_base_router_loss(base, cfg.base_router_aux_loss_coef)
     pass_router_flag = hasattr(getattr(base, "config", None), "output_router_logits")
     if hasattr(base, "config"):
