@@ -34,12 +34,17 @@ class ActivationModel:
     head: int
 
     def bytes(self, tokens: int, *, checkpointing: bool) -> int:
-        """Peak activation bytes of one micro-batch of `tokens` tokens (forward + backward)."""
+        """Peak activation bytes of one micro-batch of `tokens` tokens (forward + backward).
+
+        On top of what is kept, a layer's backward holds gradients of its intermediate
+        tensors while it runs: a third of the largest layer's kept bytes, measured on CPU.
+        """
+        biggest = max(self.per_layer, default=0)
         if checkpointing:
-            layers = len(self.per_layer) * self.checkpoint_input + max(self.per_layer, default=0)
+            layers = len(self.per_layer) * self.checkpoint_input + biggest
         else:
             layers = sum(self.per_layer)
-        return tokens * (layers + self.head)
+        return tokens * (layers + biggest // 3 + self.head)
 
 
 def decoder_layers(model: nn.Module) -> list[nn.Module]:
@@ -131,13 +136,18 @@ def activation_model(model: nn.Module, act_bytes: int) -> ActivationModel:
     d = int(config.hidden_size)
     layers = decoder_layers(model)
     per_layer = []
+    grads_flow = False  # the input of the first layers carries no gradient until a trainable tensor joins
     for layer in layers:
         attn = next((m for n, m in layer.named_children() if "attn" in n or "attention" in n), layer)
+        grads_flow = grads_flow or any(p.requires_grad for p in attn.parameters())
         q = _linear_width(attn, ("q_proj", "q_b_proj"))
         k = _linear_width(attn, ("k_proj",))
-        per_layer.append(_norm_bytes(layer, d, q, k) + _attention_bytes(layer, act_bytes) + _moe_bytes(layer, act_bytes)
-                         + _dense_mlp_bytes(layer, act_bytes) + _trainable_linear_bytes(layer)
-                         + _perft_bytes(layer, act_bytes))
+        base = 0
+        if grads_flow:  # the frozen operators keep their inputs only when a gradient must pass through them
+            base = (_norm_bytes(layer, d, q, k) + _attention_bytes(layer, act_bytes) + _moe_bytes(layer, act_bytes)
+                    + _dense_mlp_bytes(layer, act_bytes))
+        per_layer.append(base + _trainable_linear_bytes(layer) + _perft_bytes(layer, act_bytes))
+        grads_flow = grads_flow or any(p.requires_grad for p in layer.parameters())
     vocab = int(config.vocab_size)
     head = vocab * (act_bytes + 3 * FP32) + FP32 * d
     return ActivationModel(per_layer, act_bytes * d, head)
