@@ -6,8 +6,8 @@ copy is ever made), gradient checkpointing on, one micro-batch of `--seq-len` to
   step time   forward + backward (+ AdamW step for the adapters) of each method, against the
               frozen base's own forward + backward (gradients to the input embeddings only);
               interleaved rounds, median (see common.interleaved)
-  peak memory weights + adapters + the step's peak tensor memory (torch profiler, warm-up
-              round), against the base's weights; the planner's estimate beside it
+  peak memory weights + adapters + the step's peak (resident memory sampled during the warm-up
+              round, or the torch profiler), against the base's weights; the planner's estimate beside it
   generation  greedy tokens/s, batch 1, KV cache
 
 Models: `olmoe` (OLMoE-1B-7B-0924: 6.92B parameters, 12.9 GiB in bf16) and `qwen3` (Qwen3-30B-A3B's
@@ -21,6 +21,7 @@ layer shapes, 128 experts top-8, truncated to `--qwen3-layers` decoder layers so
 from __future__ import annotations
 
 import argparse
+import os
 import resource
 import sys
 import time
@@ -134,6 +135,40 @@ def planner_figures(cfg: Any, name: str, seq_len: int) -> dict[str, int]:
             "total_ckpt": plan.totals["checkpointing"].value, "frozen": fig["frozen weights"]}
 
 
+def peak_rss_above_start(fn: Any, interval: float = 0.005) -> int:
+    """Peak resident memory during `fn` above its value at the start, sampled every `interval` s.
+
+    The profiler's per-allocation trace (common.peak_step_bytes) takes many minutes on a
+    7B-parameter step; large tensors are mmap-ed and handed back to the OS when freed, so
+    resident memory follows the step's tensors closely enough at this size.
+    """
+    import gc
+    import threading
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def rss() -> int:
+        with open("/proc/self/statm", encoding="ascii") as handle:
+            return int(handle.read().split()[1]) * page
+
+    gc.collect()
+    start, peak, done = rss(), [0], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak[0] = max(peak[0], rss())
+            time.sleep(interval)
+
+    thread = threading.Thread(target=sample, daemon=True)
+    thread.start()
+    try:
+        fn()
+    finally:
+        done.set()
+        thread.join()
+    return max(0, max(peak[0], rss()) - start)
+
+
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
     cfg = model_config(target, small=args.small, qwen3_layers=args.qwen3_layers)
     t0 = time.time()
@@ -152,7 +187,13 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
     peaks: dict[str, int] = {}
 
     def warm(name: str, _round: int) -> None:
-        peaks[name] = common.peak_step_bytes(steps[name]) if args.memory else 0
+        if args.memory == "profiler":
+            peaks[name] = common.peak_step_bytes(steps[name])
+        elif args.memory == "rss":
+            peaks[name] = peak_rss_above_start(steps[name])
+        else:
+            steps[name]()
+            peaks[name] = 0
 
     times = common.interleaved(steps, warmup=1, repeats=args.repeats, on_warmup=warm)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt), generator=gen)
@@ -185,7 +226,7 @@ def render(result: dict[str, Any]) -> str:
     base = rows.get("base", {})
     table = []
     for name, r in rows.items():
-        held = weights + r["adapter_bytes"] * 4 + r["peak_step"]  # weights, grads, 2 Adam moments, step peak
+        held = weights + r["adapter_bytes"] + r["peak_step"]  # the step peak holds grads and the new Adam moments
         plan = r["planner"]
         table.append([
             name, f"{r['trainable']:,}", f"{plan['trainable']:,}" if name != "base" else "-",
@@ -211,7 +252,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--new-tokens", type=int, default=8)
     p.add_argument("--qwen3-layers", type=int, default=8, help="decoder layers of the Qwen3-MoE-shaped model")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--no-memory", dest="memory", action="store_false", help="skip the profiled step memory")
+    p.add_argument("--memory", choices=("rss", "profiler", "none"), default="rss",
+                   help="step peak from sampled resident memory (default), the torch profiler (slow at full size) "
+                        "or not at all")
     p.add_argument("--small", action="store_true", help="tiny shapes of the same families: checks the logic")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
