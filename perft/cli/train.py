@@ -31,8 +31,6 @@ def _bool_or_auto(text: str) -> bool | None:
 
 
 def register(subparsers: Any) -> None:
-    from perft.training.args import TrainingConfig
-
     parser = subparsers.add_parser(
         "train",
         help="fine-tune PERFT adapters on instruction data",
@@ -40,8 +38,18 @@ def register(subparsers: Any) -> None:
         "Settings come from --config YAML and/or flags (flags win). See docs/training.md.",
         argument_default=argparse.SUPPRESS,
     )
+    add_config_flags(parser)
+    parser.set_defaults(func=run)
+
+
+def add_config_flags(parser: argparse.ArgumentParser, names: Any = None) -> None:
+    """One flag per `TrainingConfig` field (only `names`, when given), as `perft train` has them."""
+    from perft.training.args import TrainingConfig
+
     groups: dict[str, Any] = {}
     for f in dataclasses.fields(TrainingConfig):
+        if names is not None and f.name not in names:
+            continue
         group_name = f.metadata.get("group", "other")
         group = groups.get(group_name) or groups.setdefault(group_name, parser.add_argument_group(group_name))
         flag = "--" + f.name.replace("_", "-")
@@ -59,7 +67,6 @@ def register(subparsers: Any) -> None:
             group.add_argument(flag, type=int, nargs="+", metavar="I", help=help_text)
         else:
             group.add_argument(flag, type=_TYPES[f.type], choices=f.metadata.get("choices"), help=help_text)
-    parser.set_defaults(func=run)
 
 
 def config_from_args(args: argparse.Namespace) -> Any:
