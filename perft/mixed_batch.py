@@ -8,8 +8,8 @@ rank, expert count, scaling, activation, router top-k, dtype) run together: thei
 concatenated into one bank of G*N experts, token t of a row served by adapter a reads experts
 a*N .. a*N+N-1, and one hook per block computes every row's delta in one gather
 (`selected_products`), its router in one product. Rows of "__base__" or of an adapter outside
-the group get an exact zero. Where gathering would read more than the stacked bank (many
-tokens, e.g. the prompt), gradients are wanted, dropout is on, or routing is recorded, the
+the group get an exact zero. Where gathering would read more than the stacked bank (several
+tokens a row, e.g. the prompt), gradients are wanted, dropout is on, or routing is recorded, the
 group's hook runs each adapter on its own rows instead (the general path).
 """
 
@@ -120,7 +120,8 @@ class MixedGroup:
         first = self.layers[0]
         k = first.router.top_k if first.router is not None else self.num_experts
         k = index.shape[1] if index is not None and first.router is None else k
-        return x.shape[0] * k <= len(self.layers) * self.num_experts
+        # One token a row (decoding) gathers what each row alone would; else no more than the bank holds.
+        return x.shape[0] <= self.row_adapter.numel() or x.shape[0] * k <= len(self.layers) * self.num_experts
 
 
 def mixed_groups(serving: dict[str, PerftLayer], names: list[str]) -> list[MixedGroup]:
