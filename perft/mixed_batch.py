@@ -65,6 +65,7 @@ class MixedGroup:
         self.spec = layers[0].variant_spec
         self.num_experts = layers[0].num_experts
         self._bank: _Bank | None = None
+        self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def attach(self, block: Any) -> Any:
         """Register the group's hook where its variant's layers hook; returns the handle."""
@@ -88,14 +89,13 @@ class MixedGroup:
             for layer in self.layers:  # the general path: each adapter on its own rows
                 y = layer._added(y, x, index, weights)
             return y
-        rows = self.row_adapter.to(x.device)
-        per_row = x.shape[0] // rows.numel()
-        if per_row * rows.numel() != x.shape[0]:
+        per_row = x.shape[0] // self.row_adapter.numel()
+        if per_row * self.row_adapter.numel() != x.shape[0]:
             return self.layers[0]._added(y, x, index, weights)  # raises the layer's clear error
         if self._bank is None:
             self._bank = _Bank(self.layers)
         bank = self._bank
-        token_adapter = rows.repeat_interleave(per_row)
+        token_adapter, offset = self._tokens(x.shape[0], x.device)
         bank.token_adapter = token_adapter
         gating = self.spec.gate(bank, x, index, weights)  # type: ignore[arg-type]
         n = self.num_experts
@@ -103,11 +103,19 @@ class MixedGroup:
         if ids is None:  # every expert, with the dense weights (or 1)
             ids = torch.arange(n, device=x.device).expand(x.shape[0], n)
             w = gating.dense if gating.dense is not None else x.new_ones(x.shape[0], n, dtype=bank.down.dtype)
-        ids = ids.long()
-        offset = token_adapter.unsqueeze(1) * n
-        ids = torch.where((token_adapter.unsqueeze(1) >= 0) & (ids < n), ids + offset, len(self.layers) * n)
+        ids = torch.where(ids < n, ids + offset, len(self.layers) * n)  # past the bank: dropped
         delta = selected_products(x, bank.down, bank.up, ids, w, bank.scaling, bank.act)
         return y + delta.to(y.dtype).view_as(y)
+
+    def _tokens(self, tokens: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """([T] each token's adapter position, [T, 1] its first expert in the bank; past the bank if none)."""
+        key = (tokens, device)
+        if key not in self._token_cache:
+            token_adapter = self.row_adapter.to(device).repeat_interleave(tokens // self.row_adapter.numel())
+            past = len(self.layers) * self.num_experts
+            offset = torch.where(token_adapter >= 0, token_adapter * self.num_experts, past).unsqueeze(1)
+            self._token_cache[key] = (token_adapter, offset)
+        return self._token_cache[key]
 
     def _stackable(self, x: torch.Tensor, index: torch.Tensor | None) -> bool:
         """Whether the stacked gather serves these tokens (see the module docstring)."""
