@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from perft.adapters import autocast_off, route_logits, selected_products, upcast_linear
+from perft.arch import MoEBlockInfo
 from perft.layer import PerftLayer
 
 
@@ -67,7 +68,7 @@ class MixedGroup:
         self._bank: _Bank | None = None
         self._token_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
 
-    def attach(self, block: Any) -> Any:
+    def attach(self, block: MoEBlockInfo) -> Any:
         """Register the group's hook where its variant's layers hook; returns the handle."""
         module = block.experts if self.spec.hooks_experts else block.module
         hook = self.experts_hook if self.spec.hooks_experts else self.block_hook
@@ -146,3 +147,21 @@ def mixed_groups(serving: dict[str, PerftLayer], names: list[str]) -> list[Mixed
         rows = torch.tensor([position.get(name, -1) for name in names], dtype=torch.long)
         groups.append(MixedGroup([serving[a] for a in adapters], rows))
     return groups
+
+
+def stack_mixed_adapters(blocks: list[MoEBlockInfo], adapters: dict[str, dict[str, PerftLayer]],
+                         names: list[str]) -> list:
+    """Per block, run the serving adapters (rows already set) that share a `stack_key` as one bank.
+
+    `adapters`: adapter name -> (block path -> layer). Disables the grouped layers' own hooks and
+    returns the groups' hook handles (the caller removes them and restores `enabled`).
+    """
+    handles = []
+    for block in blocks:
+        serving = {adapter: layers[block.path] for adapter, layers in adapters.items()
+                   if block.path in layers and layers[block.path].enabled}
+        for group in mixed_groups(serving, names):
+            for layer in group.layers:
+                layer.enabled = False  # the group's hook serves its rows
+            handles.append(group.attach(block))
+    return handles

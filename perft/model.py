@@ -26,7 +26,7 @@ from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
 from perft.errors import PerftError
 from perft.layer import ATTR_NAME, PerftLayer, attach_all
-from perft.mixed_batch import mixed_groups
+from perft.mixed_batch import stack_mixed_adapters
 from perft.model_io import (
     check_compatible,
     check_state,
@@ -179,7 +179,7 @@ class PerftModel(NotMergeableMixin, nn.Module):
             rows = torch.tensor([name == adapter for name in names])
             for layer in layers.values():
                 layer.enabled, layer.rows = bool(rows.any()), rows
-        handles = self._stack_mixed_adapters(names)
+        handles = stack_mixed_adapters(self._blocks, self._adapters, names)
         try:
             yield
         finally:
@@ -187,18 +187,6 @@ class PerftModel(NotMergeableMixin, nn.Module):
                 handle.remove()
             for layer, enabled, rows in saved:
                 layer.enabled, layer.rows = enabled, rows
-
-    def _stack_mixed_adapters(self, names: list[str]) -> list:
-        """Per block, run the serving adapters that share a `stack_key` as one stacked bank (one hook)."""
-        handles = []
-        for block in self._blocks:
-            serving = {adapter: layers[block.path] for adapter, layers in self._adapters.items()
-                       if block.path in layers and layers[block.path].enabled}
-            for group in mixed_groups(serving, names):
-                for layer in group.layers:
-                    layer.enabled = False  # the group's hook serves its rows
-                handles.append(group.attach(block))
-        return handles
 
     def router_balance_loss(self) -> torch.Tensor | None:
         """Switch load-balance loss of the PERFT-R routers over all layers of the last forward."""

@@ -109,6 +109,19 @@ def test_adapters_of_different_ranks_fall_back_to_the_general_path(model_dir, st
     assert stacked_calls == []
 
 
+def test_a_group_with_the_balance_loss_on_runs_each_adapter_and_reports_it(model_dir, stacked_calls):
+    balanced = PerftConfig(rank=4, router_aux_loss_coef=0.1, dropout=0.0)
+    model = build(model_dir, {"b1": balanced, "b2": balanced})
+    model.set_adapter("b1")
+    with torch.no_grad():
+        out = model(input_ids=SHORT[:3], adapter_names=["b2", "b1", "b1"])
+        model.set_adapter("b1")
+        b1_alone = model(input_ids=SHORT[1:3])["perft_aux_loss"]
+    assert stacked_calls == []
+    assert abs(out["perft_aux_loss"].item() - b1_alone.item()) < 1e-6  # the active adapter's loss over its rows
+    check_rows(model, ["b2", "b1", "__base__"], SHORT[:3])
+
+
 def test_gradients_take_the_general_path_and_reach_only_each_rows_adapter(model_dir, stacked_calls):
     routed = PerftConfig(rank=4, num_experts=4, top_k=2, dropout=0.0)
     model = build(model_dir, {"a": routed, "b": routed})
