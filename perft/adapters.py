@@ -344,6 +344,7 @@ def route_logits(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[tor
     dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
     return probs, dense, top_index
 
+
 def dense_routing_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:
     """Scatter a base router's (indices, weights) into a dense [T, E] matrix.
 
