@@ -25,8 +25,9 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import common  # noqa: E402
-from common import DTYPES  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
+from models import DTYPES  # noqa: E402
 
 from perft import PerftConfig, get_perft_model  # noqa: E402
 
@@ -53,14 +54,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:
-    base, desc = common.base_for(target, DTYPES[dtype_name], quick=args.quick, backend=args.backend, causal_lm=True)
+    base, desc = models.base_for(target, DTYPES[dtype_name], quick=args.quick, backend=args.backend, causal_lm=True)
     config = PerftConfig(variant=args.variant, num_experts=8, top_k=2, rank=16, dropout=0.0)
     model = get_perft_model(base, config, adapter_name="a0")
     for i in range(1, ROWS):
         model.add_adapter(f"a{i}", config)
     for i in range(ROWS):  # every adapter mid-training (non-zero), each different
         model.set_adapter(f"a{i}")
-        common.randomize_adapters(model, seed=i)
+        models.randomize_adapters(model, seed=i)
     model.set_adapter("a0")
     model.eval()
     ids = torch.randint(3, base.config.vocab_size, (ROWS, args.prompt), generator=torch.Generator().manual_seed(7))
@@ -78,12 +79,12 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
 
         return run
 
-    times = common.interleaved({n: runner(n, names) for n, names in cases.items()},
+    times = measure.interleaved({n: runner(n, names) for n, names in cases.items()},
                                warmup=args.warmup, repeats=args.repeats)
     result = {"target": target, "dtype": dtype_name, "description": desc, "prompt": args.prompt,
               "new_tokens": args.new_tokens, "variant": args.variant, "backend": args.backend, "cases": {}}
     for name in cases:
-        cpu, wall = common.median(times["cpu"][name]), common.median(times["wall"][name])
+        cpu, wall = measure.median(times["cpu"][name]), measure.median(times["wall"][name])
         result["cases"][name] = {"generated": generated.get(name), "gen_cpu_s": times["cpu"][name],
                                  "gen_wall_s": times["wall"][name], "tokens_per_cpu_s": generated[name] / cpu,
                                  "tokens_per_wall_s": generated[name] / wall}
@@ -94,17 +95,17 @@ def render(result: dict[str, Any]) -> str:
     cases = result["cases"]
     one_cpu, one_wall = cases["1 adapter"]["tokens_per_cpu_s"], cases["1 adapter"]["tokens_per_wall_s"]
     header = ["case", "generated", "tokens / CPU s", "/ 1 adapter", "tokens / wall s", "/ 1 adapter"]
-    rows = [[n, str(r["generated"]), f"{r['tokens_per_cpu_s']:.1f}", common.fmt_ratio(r["tokens_per_cpu_s"], one_cpu),
-             f"{r['tokens_per_wall_s']:.1f}", common.fmt_ratio(r["tokens_per_wall_s"], one_wall)]
+    rows = [[n, str(r["generated"]), f"{r['tokens_per_cpu_s']:.1f}", measure.fmt_ratio(r["tokens_per_cpu_s"], one_cpu),
+             f"{r['tokens_per_wall_s']:.1f}", measure.fmt_ratio(r["tokens_per_wall_s"], one_wall)]
             for n, r in cases.items()]
     title = (f"### mixed-batch generation, {result['target']} ({result['description']}), {result['dtype']}, "
              f"batch {ROWS}, prompt {result['prompt']}, {result['new_tokens']} new tokens, "
              f"8 PERFT-{result['variant']} adapters (N=8, top-2, r16)")
-    return f"{title}\n\n{common.markdown_table(header, rows)}\n"
+    return f"{title}\n\n{measure.markdown_table(header, rows)}\n"
 
 
 def main(argv: list[str] | None = None) -> int:
-    return common.run_benchmark("mixed_adapters.py", "mixed-batch generation", parse_args(argv), argv, run_group,
+    return measure.run_benchmark("mixed_adapters.py", "mixed-batch generation", parse_args(argv), argv, run_group,
                                 render)
 
 

@@ -109,28 +109,13 @@ class AdapterExperts(nn.Module):
         selected ones instead, without a data-dependent shape or a host sync. Same result as the
         dense path up to the summation order.
         """
-        n, r, d = self.num_experts, self.rank, self.hidden_size
-        tokens, k = index.shape
-        out_dtype = x.dtype
-        valid = index < n
+        n = self.num_experts
+        tokens = index.shape[0]
         if self._dropout_on():  # masks are drawn over all experts' units: take the dense path
             dense = torch.zeros(tokens, n + 1, dtype=weights.dtype, device=weights.device)
-            dense.scatter_add_(1, torch.where(valid, index, torch.full_like(index, n)), weights)
+            dense.scatter_add_(1, torch.where(index < n, index, torch.full_like(index, n)), weights)
             return self.forward(x, dense[:, :n])
-        x = x.to(self.down.dtype)
-        ids = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
-        w = weights.to(x.dtype) * valid
-        w = w * self.scaling if self.scaling != 1.0 else w
-        h = torch.matmul(self.down.index_select(0, ids).view(tokens, k * r, d), x.unsqueeze(-1)).view(tokens, k, r)
-        if self.act is not None:
-            h = self.act(h)
-        h = (h * w.unsqueeze(-1)).view(tokens, k * r)
-        up = self.up.transpose(0, 1).index_select(1, ids).view(d, tokens, k * r)  # [d, T, k*r]
-        if tokens == 1:
-            y = F.linear(h, up.view(d, k * r))
-        else:
-            y = torch.matmul(up.permute(1, 0, 2), h.unsqueeze(-1)).squeeze(-1)
-        return y.to(out_dtype)
+        return selected_products(x, self.down, self.up.transpose(0, 1), index, weights, self.scaling, self.act)
 
     def prefers_selected(self, x: torch.Tensor, top_k: int) -> bool:
         """Whether `forward_selected` should serve these tokens: no gradient is wanted and the
@@ -142,6 +127,33 @@ class AdapterExperts(nn.Module):
         [d, N, r] memory layout (a copy only if something replaced it with another layout)."""
         n, r, d = self.num_experts, self.rank, self.hidden_size
         return self.up.transpose(0, 1).reshape(d, n * r)
+
+
+def selected_products(x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, index: torch.Tensor,
+                      weights: torch.Tensor, scaling: float, act: Activation | None) -> torch.Tensor:
+    """`sum_j weights[t, j] * scaling * up_e act(down_e x_t)` over e = index[t, j], reading only those experts.
+
+    down [M, r, d], up [d, M, r] (any M stacked experts, e.g. several adapters' banks side by side);
+    ids >= M are dropped. Returns [T, d] in x's dtype.
+    """
+    m, r, d = down.shape
+    tokens, k = index.shape
+    out_dtype = x.dtype
+    valid = index < m
+    x = x.to(down.dtype)
+    ids = torch.where(valid, index, torch.zeros_like(index)).reshape(-1)
+    w = weights.to(x.dtype) * valid
+    w = w * scaling if scaling != 1.0 else w
+    h = torch.matmul(down.index_select(0, ids).view(tokens, k * r, d), x.unsqueeze(-1)).view(tokens, k, r)
+    if act is not None:
+        h = act(h)
+    h = (h * w.unsqueeze(-1)).view(tokens, k * r)
+    up = up.index_select(1, ids).view(d, tokens, k * r)  # [d, T, k*r]
+    if tokens == 1:
+        y = F.linear(h, up.view(d, k * r))
+    else:
+        y = torch.matmul(up.permute(1, 0, 2), h.unsqueeze(-1)).squeeze(-1)
+    return y.to(out_dtype)
 
 
 def _autocast_dtype(device_type: str) -> torch.dtype | None:
@@ -310,19 +322,27 @@ class AdapterRouter(nn.Module):
         that overflow to +-inf are clamped to the fp32 range, so softmax keeps them finite
         (one-hot) instead of turning them into NaN.
         """
-        device = x.device.type
-        autocast_off = (torch.autocast(device_type=device, enabled=False)
-                        if torch.amp.autocast_mode.is_autocast_available(device) else contextlib.nullcontext())
-        with autocast_off:
-            logits = upcast_linear(x, self.weight.float())
-            big = torch.finfo(torch.float32).max
-            logits = torch.nan_to_num(logits, nan=float("nan"), posinf=big, neginf=-big)
-            probs = torch.softmax(logits, dim=-1)
-            top_values, top_index = torch.topk(probs, self.top_k, dim=-1)
-            if self.normalize:
-                top_values = top_values / top_values.sum(dim=-1, keepdim=True)
-            dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
-        return probs, dense, top_index
+        with autocast_off(x.device.type):
+            return route_logits(upcast_linear(x, self.weight.float()), self.top_k, self.normalize)
+
+
+def autocast_off(device_type: str) -> contextlib.AbstractContextManager:
+    """A context with autocast off for `device_type` (the router runs in fp32 whatever autocast says)."""
+    if torch.amp.autocast_mode.is_autocast_available(device_type):
+        return torch.autocast(device_type=device_type, enabled=False)
+    return contextlib.nullcontext()
+
+
+def route_logits(logits: torch.Tensor, top_k: int, normalize: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The PERFT-R router past its linear: fp32 logits [T, N] -> (probs, dense kept weights, top-k index)."""
+    big = torch.finfo(torch.float32).max
+    logits = torch.nan_to_num(logits, nan=float("nan"), posinf=big, neginf=-big)
+    probs = torch.softmax(logits, dim=-1)
+    top_values, top_index = torch.topk(probs, top_k, dim=-1)
+    if normalize:
+        top_values = top_values / top_values.sum(dim=-1, keepdim=True)
+    dense = torch.zeros_like(probs).scatter(-1, top_index, top_values)
+    return probs, dense, top_index
 
 
 def dense_routing_weights(top_k_index: torch.Tensor, top_k_weights: torch.Tensor, num_experts: int) -> torch.Tensor:

@@ -8,7 +8,8 @@ weights the base block applies, so it hooks the fused `experts` module, whose in
 `(hidden_states, top_k_index, top_k_weights)` after the router's own normalisation.
 
 Mixed batches: with `rows` set (a bool [B] tensor), the layer adapts only those batch rows,
-so several adapters on one base each serve their own rows of one forward.
+so several adapters on one base each serve their own rows of one forward; adapters of one block
+with equal `stack_key` run there as one stacked bank instead (perft/mixed_batch.py).
 """
 
 from __future__ import annotations
@@ -62,6 +63,10 @@ class PerftLayer(nn.Module):
                 device=device,
             )
         self.compute_balance = self.variant_spec.has_router and config.router_aux_loss_coef > 0
+        # Layers of one block with equal keys differ only in their weights: a mixed batch stacks them.
+        self.stack_key = (config.variant, self.experts.kind, config.rank, self.num_experts, self.experts.scaling,
+                          config.activation, dtype, None if self.router is None else
+                          (self.router.top_k, self.router.normalize))
         self.enabled = True
         # Transient, per forward pass (not parameters, never saved):
         self.rows: torch.Tensor | None = None  # [B] bool: adapt only these batch rows (mixed batches)

@@ -26,6 +26,7 @@ from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
 from perft.errors import PerftError
 from perft.layer import ATTR_NAME, PerftLayer, attach_all
+from perft.mixed_batch import stack_mixed_adapters
 from perft.model_io import (
     check_compatible,
     check_state,
@@ -178,9 +179,12 @@ class PerftModel(NotMergeableMixin, nn.Module):
             rows = torch.tensor([name == adapter for name in names])
             for layer in layers.values():
                 layer.enabled, layer.rows = bool(rows.any()), rows
+        handles = stack_mixed_adapters(self._blocks, self._adapters, names)
         try:
             yield
         finally:
+            for handle in handles:
+                handle.remove()
             for layer, enabled, rows in saved:
                 layer.enabled, layer.rows = enabled, rows
 
