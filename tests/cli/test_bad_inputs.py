@@ -280,7 +280,7 @@ def _moments(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[s
 CASES: dict[str, Callable[[Env, Path], Case]] = {
     # ---- YAML config files
     "yaml_logging_dir_outside_output": lambda e, t: yaml_case(e, t, "logging_dir: ../../etc\n",
-                                                              "unknown setting 'logging_dir'"),
+                                                              "sets transformers' 'logging_dir', which perft does not take"),
     "yaml_nested_100k_deep": lambda e, t: yaml_case(e, t, f"layers: {DEEP}\n",
                                                     "is not a usable YAML config: maximum recursion depth"),
     "yaml_5000_digit_integer": lambda e, t: yaml_case(e, t, f"seed: {BIG}\n",

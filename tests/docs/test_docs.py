@@ -13,7 +13,7 @@ fence (GitHub does not render it):
 An unmarked block fails `test_every_block_is_marked`. bash/sh blocks run through the real CLI
 (`bash -eo pipefail`, the repository's `perft` first on PATH); python blocks are exec'd; json
 blocks are parsed. The blocks of one document run in order in one scratch folder (with
-`configs/` linked in) and one Python namespace, so an `eval` block can use the run a `train`
+`configs/`, `tests/` and `perft/` linked in) and one Python namespace, so an `eval` block can use the run a `train`
 block above it wrote. Adding a doc block: mark it `run` if it runs in seconds on a CPU, `tiny` if
 it names hub models/data (extend TINY_RULES if it needs a new substitution), else `skip` with
 the reason. `python tests/docs/test_docs.py` prints the counts (run / substituted / skipped).
@@ -196,6 +196,8 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
     if not blocks:
         pytest.skip(f"{doc.name}: no runnable block")
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "tests").symlink_to(REPO / "tests")  # e.g. the published configs perft plan reads in README
+    (tmp_path / "perft").symlink_to(REPO / "perft")  # the shipped model and suites at their repository paths
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     namespace: dict = {"__name__": "__doc_test__"}

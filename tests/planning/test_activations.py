@@ -26,10 +26,10 @@ import tempfile
 import pytest
 import torch
 
+from perft.methods import get_method
 from perft.planning import plan_memory
 from perft.testing import tiny_config
 from perft.training import TrainingConfig
-from perft.training.trainer import build_model
 
 BATCH, SEQ = 2, 128
 
@@ -53,7 +53,7 @@ def peak_bytes(fn) -> int:
 
 def measure(base: torch.nn.Module, settings: TrainingConfig, checkpointing: bool) -> tuple[int, int]:
     """(activation peak, total peak) of one training step of `settings` on a weight-sharing copy of `base`."""
-    model = build_model(settings, copy.deepcopy(base, {id(p): p for p in base.parameters()}))
+    model = get_method(settings.method).build(copy.deepcopy(base, {id(p): p for p in base.parameters()}), settings)
     if checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
