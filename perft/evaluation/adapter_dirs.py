@@ -42,13 +42,30 @@ def _same_base(recorded: str, given: str) -> bool:
 
 
 def warn_if_other_base(model: str | Path, adapter: str | Path, command: str = "perft") -> None:
-    """One line on stderr when the adapter records another base model than `model` (PERFT and PEFT both
-    record `base_model_name_or_path` in adapter_config.json); type and shape mismatches are refused by
-    `perft.methods.check_adapter_matches`."""
+    """One line on stderr when the adapter was trained on another base than `model`.
+
+    By content when the adapter records the base's fingerprint (`perft.fingerprint`): a moved but
+    identical model does not warn, a changed one at the same path does. Otherwise by the recorded
+    `base_model_name_or_path` (PERFT and PEFT both write it). Type and shape mismatches are refused
+    by `perft.methods.check_adapter_matches`."""
+    from perft.fingerprint import base_fingerprint, recorded_fingerprint
+
     try:
-        recorded = json.loads((Path(adapter) / CONFIG_NAME).read_text(encoding="utf-8")).get("base_model_name_or_path")
+        saved = json.loads((Path(adapter) / CONFIG_NAME).read_text(encoding="utf-8"))
+        recorded = saved.get("base_model_name_or_path")
     except (OSError, ValueError, RecursionError, AttributeError):
         return  # the adapter load reports a damaged config
+    fingerprint = recorded_fingerprint(saved)
+    current = base_fingerprint(model) if fingerprint else None
+    if fingerprint and current:
+        if fingerprint != current:
+            print(
+                f"{command}: warning: adapter {adapter} was trained on a base whose weights or config differ from "
+                f"{model} (content fingerprint {fingerprint[7:19]} vs {current[7:19]}); its numbers are only "
+                "meaningful on the base model it was made for",
+                file=sys.stderr,
+            )
+        return
     if recorded and not _same_base(str(recorded), str(model)):
         print(
             f"{command}: warning: adapter {adapter} was trained on {recorded}, not on {model}; "

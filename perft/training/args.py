@@ -361,8 +361,10 @@ class TrainingConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         data = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES and k != "data"}
-        model = Path(str(self.model)).expanduser()
-        data["model"] = str(model.resolve()) if model.exists() else str(self.model)
+        from perft.fingerprint import base_fingerprint
+
+        model = Path(str(self.model)).expanduser()  # by content: a moved copy resumes, a changed one does not
+        data["model"] = base_fingerprint(model) or (str(model.resolve()) if model.exists() else str(self.model))
         if self.tokenizer:
             tok = Path(self.tokenizer).expanduser()
             data["tokenizer"] = str(tok.resolve()) if tok.exists() else self.tokenizer

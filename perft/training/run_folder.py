@@ -15,12 +15,14 @@ from typing import Any
 
 from perft.errors import PerftError
 from perft.io import atomic_write_text, check_writable_dir
+from perft.output_dir import OutputFolder, check_input_outside
 from perft.training import checkpoint as ckpt
 
 ADAPTER_DIR = "adapter"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.yaml"
+MANAGED_NAMES = (METRICS_NAME, SUMMARY_NAME, CONFIG_NAME)  # files a run writes at the top of its folder
 
 
 class RunFolder:
@@ -30,6 +32,23 @@ class RunFolder:
         self.path = path
         self.adapter_dir = path / ADAPTER_DIR
         self.metrics = path / METRICS_NAME
+        self.output: OutputFolder | None = None  # claimed by the main process
+
+    def claim(self, resume: str | None, overwrite: bool, inputs: dict[str, Any]) -> None:
+        """Apply the output-folder policy and take the folder's lock (fails at once if another run holds it)."""
+        if resume is not None and overwrite:
+            raise PerftError("--resume and --overwrite-output-dir contradict each other: pass --resume to continue "
+                             "the run, or --overwrite-output-dir to start over, not both")
+        for what, value in inputs.items():
+            if value:
+                check_input_outside(str(value), self.path, what, MANAGED_NAMES)
+        legacy = (self.path / CONFIG_NAME).is_file() and bool(ckpt.list_checkpoints(self.path))
+        self.output = OutputFolder(self.path, "train", overwrite=overwrite, legacy=legacy)
+
+    def release(self) -> None:
+        if self.output is not None:
+            self.output.release()
+            self.output = None
 
     # ------------------------------------------------------------------ before anything is written
     def resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
@@ -90,6 +109,9 @@ class RunFolder:
         import yaml
 
         self.path.mkdir(parents=True, exist_ok=True)
+        moved = self.output.begin() if self.output is not None else None
+        if moved is not None:
+            print(f"moved the old contents of {self.path} aside to {moved} (--overwrite-output-dir)", flush=True)
         ckpt.remove_stale_temporaries(self.path)
         if resumed_step is None and overwrite:
             for _, path in ckpt.list_checkpoints(self.path):

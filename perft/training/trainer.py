@@ -113,6 +113,7 @@ class Trainer:
             for logger in self.loggers:
                 logger.close()
             self.loggers.clear()
+            self.folder.release()
 
     def _setup(self) -> Path | None:
         """Check everything, load data and model, restore a checkpoint; then prepare the run folder."""
@@ -120,6 +121,8 @@ class Trainer:
         cfg.normalise()
         cfg.validate(ctx.world_size)
         check_reporters(cfg.reporters)
+        if ctx.is_main:  # the output-folder policy and its lock (perft.output_dir)
+            self.folder.claim(cfg.resume, cfg.overwrite_output_dir, inputs={"--data": cfg.data})
         resume_from = self.folder.resume_point(cfg.resume, cfg.overwrite_output_dir)
         if ctx.distributed:  # every process must continue from the same place (checkpoints on a shared disk)
             chosen = ctx.broadcast_object(str(resume_from) if resume_from else None)
