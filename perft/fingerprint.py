@@ -13,6 +13,7 @@ import hashlib
 import json
 import struct
 from pathlib import Path
+from typing import Any
 
 SAMPLE_BYTES = 4096
 _PLACE_KEYS = ("_name_or_path", "transformers_version", "_commit_hash")
@@ -46,7 +47,7 @@ def base_fingerprint(model: str | Path | None) -> str | None:
     return "sha256:" + digest.hexdigest()
 
 
-def _hash_safetensors_sample(path: Path, digest: "hashlib._Hash") -> None:
+def _hash_safetensors_sample(path: Path, digest: Any) -> None:
     with open(path, "rb") as handle:
         (length,) = struct.unpack("<Q", handle.read(8))
         if length > 100_000_000:

@@ -149,12 +149,29 @@ class RunFolder:
             shutil.rmtree(tmp)
         tmp.mkdir()
         skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME)
+        self.check_finite_weights(checkpoint, skip)
         for item in checkpoint.iterdir():
             if item.is_file() and not item.name.startswith(skip):
                 shutil.copy2(item, tmp / item.name)
         ckpt.fault_point("export", step)
         ckpt.replace_dir(tmp, self.adapter_dir)
         return self.adapter_dir
+
+    @staticmethod
+    def check_finite_weights(checkpoint: Path, skip: tuple[str, ...]) -> None:
+        """Never export NaN or Inf adapter weights (issue 15)."""
+        import torch
+
+        from perft.io import load_safetensors
+        from perft.training.state import NonFiniteLoss
+
+        for item in sorted(checkpoint.glob("*.safetensors")):
+            if item.name.startswith(skip):
+                continue
+            for name, tensor in load_safetensors(item).items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteLoss(f"{item} holds NaN or Inf in {name}; no adapter was exported: lower --lr "
+                                        "(or fix the data) and start a new run")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")

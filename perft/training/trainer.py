@@ -339,6 +339,11 @@ class Trainer:
         record: dict[str, Any] = {"step": step, "val_loss": val_loss, **load_record(loads)}
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
+        elif not math.isfinite(val_loss):  # as a non-finite training loss: stop, never pick or export it
+            raise NonFiniteLoss(
+                f"the validation loss became {val_loss} at step {step}; stopped, {self.folder.last_checkpoint_note()}: "
+                "lower --lr (or fix the data) and start a new run from scratch"
+            )
         ckpt.fault_point("eval", step)
         improved = count > 0 and self.state.improve(step, val_loss)
         self._emit(record)
