@@ -148,7 +148,7 @@ class RunFolder:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME)
+        skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME, ckpt.DIGEST_NAME)
         self.check_finite_weights(checkpoint, skip)
         for item in checkpoint.iterdir():
             if item.is_file() and not item.name.startswith(skip):
