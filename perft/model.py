@@ -224,6 +224,12 @@ class PerftModel(nn.Module):
 
             base_model = load_base_model(str(base_model), **base_kwargs)
         check_compatible(config, base_model)
+        from perft.evaluation.adapter_dirs import (
+            warn_if_other_base,  # by content fingerprint (perft.fingerprint)
+        )
+
+        warn_if_other_base(getattr(getattr(base_model, "config", None), "_name_or_path", "") or "", directory,
+                           "perft")
         weights = directory / WEIGHTS_NAME
         if not weights.is_file():
             from perft.io import pickle_siblings

@@ -41,6 +41,9 @@ def _same_base(recorded: str, given: str) -> bool:
     return a.name == b.name  # "allenai/OLMoE-1B-7B-0924" and "/models/OLMoE-1B-7B-0924"
 
 
+_WARNED: set[tuple[str, str, str]] = set()
+
+
 def warn_if_other_base(model: str | Path, adapter: str | Path, command: str = "perft") -> None:
     """One line on stderr when the adapter was trained on another base than `model`.
 
@@ -50,6 +53,8 @@ def warn_if_other_base(model: str | Path, adapter: str | Path, command: str = "p
     by `perft.methods.check_adapter_matches`."""
     from perft.fingerprint import base_fingerprint, recorded_fingerprint
 
+    if not str(model):
+        return
     try:
         saved = json.loads((Path(adapter) / CONFIG_NAME).read_text(encoding="utf-8"))
         recorded = saved.get("base_model_name_or_path")
@@ -57,16 +62,23 @@ def warn_if_other_base(model: str | Path, adapter: str | Path, command: str = "p
         return  # the adapter load reports a damaged config
     fingerprint = recorded_fingerprint(saved)
     current = base_fingerprint(model) if fingerprint else None
+    key = (str(model), str(Path(adapter).resolve()), current or "")
+    if key in _WARNED:  # said once per base and adapter (a command checks, then loads)
+        return
     if fingerprint and current:
         if fingerprint != current:
+            where = (f"{recorded}, whose weights or config have changed since" if recorded and
+                     _same_base(str(recorded), str(model)) else f"{recorded or 'another base'}, not on {model}")
+            _WARNED.add(key)
             print(
-                f"{command}: warning: adapter {adapter} was trained on a base whose weights or config differ from "
-                f"{model} (content fingerprint {fingerprint[7:19]} vs {current[7:19]}); its numbers are only "
-                "meaningful on the base model it was made for",
+                f"{command}: warning: adapter {adapter} was trained on {where} (content fingerprint "
+                f"{fingerprint[7:19]} then, {current[7:19]} now); its numbers are only meaningful on the base "
+                "model it was made for",
                 file=sys.stderr,
             )
         return
     if recorded and not _same_base(str(recorded), str(model)):
+        _WARNED.add(key)
         print(
             f"{command}: warning: adapter {adapter} was trained on {recorded}, not on {model}; "
             "its numbers are only meaningful on the base model it was made for",

@@ -440,7 +440,21 @@ def test_adapter_warns_for_a_changed_base_not_for_a_moved_one(env, tmp_path, cap
     record("checkpoint integrity", "adapter on a changed base: one-line warning",
            outcome="error" if "fingerprint" in warned else "x")
     assert quiet == ""
-    assert len(warned.strip().splitlines()) == 1 and "weights or config differ" in warned
+    assert len(warned.strip().splitlines()) == 1 and f"not on {model}" in warned and "content fingerprint" in warned
+    # the adapter recorded this very path, whose weights changed since: named as such, also when loading
+    adapter = shutil.copytree(env.run / "adapter", tmp_path / "adapter")
+    saved = json.loads((adapter / "adapter_config.json").read_text())
+    saved["base_model_name_or_path"] = str(model)
+    (adapter / "adapter_config.json").write_text(json.dumps(saved))
+    from perft import PerftModel
+
+    capfd.readouterr()
+    with one_thread():
+        PerftModel.from_pretrained(str(model), adapter)
+    loaded = "\n".join(line for line in capfd.readouterr().err.splitlines() if "warning" in line)
+    record("checkpoint integrity", "loading an adapter onto its base changed in place: one-line warning",
+           outcome="error" if "changed since" in loaded else "x")
+    assert len(loaded.strip().splitlines()) == 1 and "whose weights or config have changed since" in loaded, loaded
 
 
 def test_edited_checkpoint_state_is_refused_by_its_digest(env, tmp_path, capfd):
