@@ -489,3 +489,101 @@ def test_unexpected_exception_is_one_line_and_a_log(monkeypatch, tmp_path, capfd
     assert "internal error (ZeroDivisionError: a bug)" in err and "Traceback" not in err
     log = Path(err.strip().rsplit(" ", 1)[-1])
     assert log.parent == tmp_path and "ZeroDivisionError" in log.read_text() and "Traceback" in log.read_text()
+
+
+# ---------------------------------------------------------------------------- files read back
+
+def _row(index: Any = 0, **extra: Any) -> dict[str, Any]:
+    return {"index": index, "prompt": "x", "prediction": "red", "correct": True, **extra}
+
+
+EVAL_ROWS = {
+    "index 1e400": b'{"index": 1e400, "correct": true}\n{"index": 1, "correct": true}\n',
+    "index -1": (json.dumps(_row(-1)) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "index true": (json.dumps(_row(True)) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "index a string": (json.dumps(_row("0")) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "no correct key": (json.dumps({"index": 0, "prompt": "x"}) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "correct is the string false": (json.dumps(_row(0, correct="false")) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "correct is 1": (json.dumps(_row(0, correct=1)) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "correct_norm is null": (json.dumps(_row(0, correct_norm=None)) + "\n" + json.dumps(_row(1)) + "\n").encode(),
+    "row is a list": b'[0, true]\n' + (json.dumps(_row(1)) + "\n").encode(),
+}
+
+
+@pytest.mark.parametrize("name", list(EVAL_ROWS))
+def test_damaged_eval_rows(env, tmp_path, capfd, name):
+    out = user_folder(tmp_path, "eval", files={})
+    (out / "colours.jsonl").write_bytes(EVAL_ROWS[name])
+    fragment = "line 1 is not a result row" if name == "row is a list" else "line 1 is a damaged result row"
+    check_refused("files read back", f"eval rows: {name}", eval_argv(env, out), fragment, [out], capfd)
+
+
+SUMMARIES = {
+    "tasks entry is a list": {"tasks": {"boolq": [1]}},
+    "accuracy is text": {"tasks": {"boolq": {"accuracy": "high"}}},
+    "accuracy is 7": {"tasks": {"boolq": {"accuracy": 7}}},
+    "accuracy is true": {"tasks": {"boolq": {"accuracy": True}}},
+    "metrics is a number": {"tasks": {"boolq": {"accuracy": 0.5}}, "metrics": 5},
+    "protocol is a list": {"tasks": {"boolq": {"accuracy": 0.5}}, "protocol": ["x"]},
+    "accuracy 1e400": b'{"tasks": {"boolq": {"accuracy": 1e400}}}',
+}
+
+
+@pytest.mark.parametrize("name", list(SUMMARIES))
+def test_damaged_summary_given_to_compare(env, tmp_path, capfd, name):
+    body = SUMMARIES[name]
+    path = tmp_path / "summary.json"
+    path.write_bytes(body if isinstance(body, bytes) else json.dumps(body).encode())
+    check_refused("files read back", f"--compare summary: {name}", ["eval", "--compare", str(path)], str(path),
+                  [tmp_path], capfd)
+
+
+def _edit_router(run: Path, change: Callable[[Any], Any]) -> None:
+    from safetensors.torch import load_file, save_file
+
+    weights = run / "checkpoint-1" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(k for k in tensors if k.endswith(".router"))[0]
+    tensors[key] = change(tensors[key])
+    save_file(tensors, str(weights))
+
+
+ROUTERS = {
+    "wrong width": lambda t: t[:, :3].contiguous(),
+    "one dimension": lambda t: t[0].contiguous(),
+    "NaN": lambda t: t * float("nan"),
+    "Inf": lambda t: t + float("inf"),
+}
+
+
+@pytest.mark.parametrize("name", list(ROUTERS))
+def test_damaged_routers_given_to_analyze(env, tmp_path, capfd, name):
+    import shutil
+
+    run = shutil.copytree(env.run, tmp_path / "run")
+    _edit_router(run, ROUTERS[name])
+    out = tmp_path / "analysis"
+    argv = analyze_argv(env, out, "--adapter", str(env.run / "adapter"), "--checkpoints", str(run))
+    fragment = "contains NaN or Inf" if name in ("NaN", "Inf") else "has shape"
+    check_refused("files read back", f"analyze --checkpoints: router {name}", argv, fragment, [run], capfd)
+    assert not out.exists()
+
+
+def test_full_disk_while_saving_weights(env, tmp_path, monkeypatch):
+    import torch
+    from safetensors import SafetensorError
+
+    import perft.io
+    from perft.errors import PerftError
+
+    def full(*args, **kwargs):
+        raise SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull })")
+
+    monkeypatch.setattr(perft.io, "save_file", full)
+    (tmp_path / "keep.txt").write_text("mine")
+    before = byte_snapshot(tmp_path)
+    with pytest.raises(PerftError, match="free some disk space") as caught:
+        perft.io.atomic_save_safetensors(tmp_path / "w.safetensors", {"a": torch.zeros(2)})
+    record("files read back", "full disk while saving safetensors", outcome="error",
+           data_lost=not preserved(before, byte_snapshot(tmp_path)))
+    assert "\n" not in str(caught.value) and byte_snapshot(tmp_path) == before  # no temporary left behind
