@@ -81,6 +81,10 @@ def _record_problem(spec: TaskSpec, record: Any) -> str | None:
         return "has no 'instruction' text"
     if record.get("input") is not None and not isinstance(record.get("input"), str):
         return "has an 'input' that is not text"
+    for key in ("instruction", "input", "answer"):  # a lone surrogate ("\ud800") no tokenizer can take
+        value = record.get(key)
+        if isinstance(value, str) and not _encodable(value):
+            return f"has an '{key}' that is not valid Unicode text (an unpaired surrogate such as \\ud800)"
     if "answer" not in record or record["answer"] is None or str(record["answer"]).strip() == "":
         return "has no 'answer'"
     answer = record["answer"]
@@ -457,3 +461,11 @@ def _row_problem(row: Any) -> str | None:
     if "correct" not in row:
         return "no 'correct' field"
     return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -51,6 +51,7 @@ from perft.training.distributed import (
 from perft.training.loggers import MetricLogger, check_reporters, open_loggers
 from perft.training.modeling import (
     build_model,
+    check_token_ids,
     describe_run,
     parameter_counts,
     preflight_model,
@@ -142,6 +143,7 @@ class Trainer:
                  if resume_from else None)
         built = build_model(cfg, ctx, resume_from)
         model = self.model = built.model
+        check_token_ids(unwrap(model), data, cfg.tokenizer or str(cfg.model))
         self.base_aux_coef, self.pass_router_flag = built.base_aux_coef, built.pass_router_flag
 
         self.collate = PaddingCollator(tokenizer.pad_token_id)
@@ -340,10 +342,8 @@ class Trainer:
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
         elif not math.isfinite(val_loss):  # as a non-finite training loss: stop, never pick or export it
-            raise NonFiniteLoss(
-                f"the validation loss became {val_loss} at step {step}; stopped, {self.folder.last_checkpoint_note()}: "
-                "lower --lr (or fix the data) and start a new run from scratch"
-            )
+            raise NonFiniteLoss(f"the validation loss became {val_loss} at step {step}; stopped, "
+                                f"{self.folder.last_checkpoint_note()}: lower --lr (or fix the data) and start anew")
         ckpt.fault_point("eval", step)
         improved = count > 0 and self.state.improve(step, val_loss)
         self._emit(record)

@@ -587,3 +587,44 @@ def test_full_disk_while_saving_weights(env, tmp_path, monkeypatch):
     record("files read back", "full disk while saving safetensors", outcome="error",
            data_lost=not preserved(before, byte_snapshot(tmp_path)))
     assert "\n" not in str(caught.value) and byte_snapshot(tmp_path) == before  # no temporary left behind
+
+
+def test_tokenizer_with_more_tokens_than_the_model(env, tmp_path, capfd):
+    import shutil
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    model = shutil.copytree(env.model, tmp_path / "model")
+    tokenizer = AutoTokenizer.from_pretrained(str(model))
+    size = AutoConfig.from_pretrained(str(model)).vocab_size
+    words = [f"zq{i}x" for i in range(size + 8 - len(tokenizer))]
+    tokenizer.add_tokens(words)
+    tokenizer.save_pretrained(str(model))
+    data = tmp_path / "data.json"
+    data.write_text(json.dumps([{"instruction": f"what is {w}", "output": w} for w in words[-16:]]))
+    out = tmp_path / "out"
+    check_refused("data inputs", "tokenizer larger than the model's embedding",
+                  train_argv(env, out, "--model", str(model), "--data", str(data)), "tokens", [model, data], capfd)
+    assert not out.exists()
+
+
+EVAL_INPUTS = {
+    "lone surrogate in a record": b'[{"instruction": "\\ud800", "answer": "red"}]',
+    "answer is a number": b'[{"instruction": "colour?", "answer": 1e400}]',
+    "records are not a list": b'{"instruction": "colour?"}',
+    "a record is a string": b'["colour?"]',
+    "no answer": b'[{"instruction": "colour?"}]',
+}
+
+
+@pytest.mark.parametrize("name", list(EVAL_INPUTS))
+def test_damaged_eval_input(env, tmp_path, capfd, name):
+    dataset = tmp_path / "sets"
+    task = dataset / "mytask"
+    task.mkdir(parents=True)
+    (task / "test.json").write_bytes(EVAL_INPUTS[name])
+    (task / "task.json").write_text(json.dumps({"answer_type": "choice", "choices": ["red", "blue"]}))
+    out = tmp_path / "out"
+    argv = eval_argv(env, out, "--tasks", "mytask", "--data-dir", str(dataset))
+    check_refused("data inputs", f"eval input: {name}", argv, "test.json", [dataset], capfd)
+    assert not out.exists()
