@@ -30,6 +30,8 @@ from safetensors.torch import load_file, save_file
 from perft.cli import main
 from perft.errors import PerftError
 from perft.output_dir import MARKER_NAME
+from tests.helpers.hostile import CRASH_MARK
+from tests.helpers.hostile import record as record_case
 from tests.helpers.training import PYTHON, config, make_workspace, one_thread, subprocess_env
 
 # ---------------------------------------------------------------------------- fixtures and helpers
@@ -506,8 +508,12 @@ def test_bad_cli_input_gives_one_clear_line_and_touches_nothing(name, env, tmp_p
     case = CASES[name](env, tmp_path)
     before = {str(p): snapshot(p) for p in case.watch}
     code, lines, err = run_cli(case.argv, capfd)
+    clear = code == 2 and len(lines) == 1 and case.message in lines[0]
+    record_case(f"bad input (existing suite): {name.split('_')[0]}", name, outcome="error" if clear else "wrong",
+           data_lost={str(p): snapshot(p) for p in case.watch} != before,
+           traceback="Traceback" in err or CRASH_MARK in err)
     assert code == 2, (name, err[-2000:])
-    assert "Traceback" not in err
+    assert "Traceback" not in err and CRASH_MARK not in err
     assert len(lines) == 1, (name, err[-2000:])
     assert lines[0].startswith(f"perft {case.argv[0]}: error: "), lines[0]
     assert case.message in lines[0], (name, lines[0])

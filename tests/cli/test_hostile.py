@@ -628,3 +628,52 @@ def test_damaged_eval_input(env, tmp_path, capfd, name):
     argv = eval_argv(env, out, "--tasks", "mytask", "--data-dir", str(dataset))
     check_refused("data inputs", f"eval input: {name}", argv, "test.json", [dataset], capfd)
     assert not out.exists()
+
+
+# ---------------------------------------------------------------------------- numerics that used to pass silently
+
+def test_non_finite_validation_loss_stops_the_run(env, tmp_path, monkeypatch):
+    import torch
+
+    from perft.training import train
+    from perft.training.state import NonFiniteLoss
+    from perft.training.trainer import Trainer
+
+    forward = Trainer._forward
+
+    def nan_when_evaluating(self, batch):
+        ce, aux, out = forward(self, batch)
+        return (ce * float("nan") if not torch.is_grad_enabled() else ce), aux, out
+
+    monkeypatch.setattr(Trainer, "_forward", nan_when_evaluating)
+    out = tmp_path / "out"
+    with one_thread(), pytest.raises(NonFiniteLoss, match="validation loss became nan at step 0") as caught:
+        train(config({"model": env.model, "data": env.data}, out, max_steps=2, save_steps=1, eval_steps=1,
+                     val_set_size=4, load_best_at_end=False))
+    record("numerics", "NaN validation loss", outcome="error")
+    assert "\n" not in str(caught.value)
+    assert not (out / "adapter").exists() and not (out / "train_summary.json").exists()
+
+
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_non_finite_weights_are_never_exported(env, tmp_path, value):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from perft.training.run_folder import RunFolder
+    from perft.training.state import NonFiniteLoss
+
+    run = shutil.copytree(env.run, tmp_path / "run")
+    weights = run / "checkpoint-2" / "adapter_model.safetensors"
+    tensors = load_file(str(weights))
+    key = sorted(tensors)[0]
+    tensors[key] = torch.full_like(tensors[key], float(value))
+    save_file(tensors, str(weights))
+    before = byte_snapshot(run / "adapter")
+    with pytest.raises(NonFiniteLoss, match="holds NaN or Inf"):
+        RunFolder(run).export_adapter(run / "checkpoint-2", 2)
+    record("numerics", f"{value} adapter weights at export", outcome="error",
+           data_lost=byte_snapshot(run / "adapter") != before)
+    assert byte_snapshot(run / "adapter") == before  # the exported adapter of the good run is untouched
