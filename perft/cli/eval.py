@@ -111,6 +111,10 @@ def run(args: argparse.Namespace) -> int:
         from perft.evaluation.adapter_dirs import resolve_adapter_dir
 
         args.adapter = resolve_adapter_dir(args.adapter)
+    from perft.output_dir import check_output
+
+    legacy = any((Path(args.output) / name).is_file() for name in ("run.json", "summary.json"))
+    check_output(args.output, "eval", overwrite=args.overwrite_output_dir, legacy=legacy)  # before reading it
     evaluation = None
     if tasks:
         settings = EvalSettings(
@@ -135,8 +139,6 @@ def run(args: argparse.Namespace) -> int:
     from perft.output_dir import OutputFolder
 
     check_device(args.device)
-
-    legacy = any((Path(args.output) / name).is_file() for name in ("run.json", "summary.json"))
     with OutputFolder(args.output, "eval", overwrite=args.overwrite_output_dir, legacy=legacy) as output:
         return _evaluate(args, evaluation, lm_tasks, manager, output)
 
