@@ -29,6 +29,20 @@ def base_fingerprint(model: str | Path | None) -> str | None:
     config = folder / "config.json"
     if not config.is_file():
         return None
+    try:  # one computation per process while no file changed (a run asks at every checkpoint)
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.iterdir()) if p.is_file())
+    except OSError:
+        return None
+    key = (str(folder.resolve()), stamp)
+    if key not in _CACHE:
+        _CACHE[key] = _compute(folder, config)
+    return _CACHE[key]
+
+
+_CACHE: dict[tuple[str, tuple], str | None] = {}
+
+
+def _compute(folder: Path, config: Path) -> str | None:
     digest = hashlib.sha256()
     try:
         data = json.loads(config.read_text(encoding="utf-8"))
