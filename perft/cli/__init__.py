@@ -49,6 +49,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"perft {args.command}: interrupted", file=sys.stderr)
         return 130
     except Exception as err:  # noqa: BLE001 - a bug: one line and a log to report, never a bare traceback
+        if type(err).__name__ == "SafetensorError":  # safetensors' own type, for full disks and damaged files
+            print(f"perft {args.command}: error: a safetensors file could not be written or read "
+                  f"({_one_line(str(err))}); check the free disk space and the files named above", file=sys.stderr)
+            return 2
         log = write_crash_log(args.command, argv)
         print(f"perft {args.command}: internal error ({type(err).__name__}: {_one_line(str(err))[:200]}); "
               f"this is a perft bug, please report it with the traceback in {log}", file=sys.stderr)

@@ -677,3 +677,23 @@ def test_non_finite_weights_are_never_exported(env, tmp_path, value):
     record("numerics", f"{value} adapter weights at export", outcome="error",
            data_lost=byte_snapshot(run / "adapter") != before)
     assert byte_snapshot(run / "adapter") == before  # the exported adapter of the good run is untouched
+
+
+FILE_FOR_FOLDER = {
+    "eval --data-dir": lambda e, f: eval_argv(e, f.parent / "o", "--data-dir", str(f)),
+    "eval --adapter": lambda e, f: eval_argv(e, f.parent / "o", "--adapter", str(f)),
+    "eval --model": lambda e, f: eval_argv(e, f.parent / "o", "--model", str(f)),
+    "train --model": lambda e, f: train_argv(e, f.parent / "o", "--model", str(f)),
+    "train --resume": lambda e, f: train_argv(e, f.parent / "o", "--resume", str(f)),
+    "analyze --checkpoints": lambda e, f: analyze_argv(e, f.parent / "o", "--adapter", str(e.run / "adapter"),
+                                                       "--checkpoints", str(f)),
+    "analyze --adapter": lambda e, f: analyze_argv(e, f.parent / "o", "--adapter", str(f)),
+    "analyze --model": lambda e, f: analyze_argv(e, f.parent / "o", "--model", str(f)),
+}
+
+
+@pytest.mark.parametrize("name", list(FILE_FOR_FOLDER))
+def test_a_file_where_a_folder_is_expected(env, tmp_path, capfd, name):
+    path = tmp_path / "thing"
+    path.write_text("a file, not a folder")
+    check_refused("data inputs", f"{name} is a file", FILE_FOR_FOLDER[name](env, path), str(path), [tmp_path], capfd)
