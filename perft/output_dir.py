@@ -58,13 +58,17 @@ def check_output(path: str | Path, kind: str, *, overwrite: bool = False, flag: 
     if not path.is_dir():
         return
     entries = user_entries(path)
-    if not entries or read_marker(path) == kind or legacy or overwrite:
+    if not entries:
+        return
+    if read_marker(path) == kind or legacy:  # written in place: never through a link someone placed there
         links = [name for name in entries if (path / name).is_symlink()]
-        if links and not overwrite:
+        if links:
             raise PerftError(
                 f"{flag} {path} contains the symbolic link {links[0]!r}, which perft did not create and will not "
                 f"write through: remove it, or pick another {flag}"
             )
+        return
+    if overwrite:  # moved aside whole by `OutputFolder.begin`
         return
     other = read_marker(path)
     what = f"a perft {other} output" if other else f"files perft did not write ({', '.join(entries[:3])}" + (

@@ -697,3 +697,13 @@ def test_a_file_where_a_folder_is_expected(env, tmp_path, capfd, name):
     path = tmp_path / "thing"
     path.write_text("a file, not a folder")
     check_refused("data inputs", f"{name} is a file", FILE_FOR_FOLDER[name](env, path), str(path), [tmp_path], capfd)
+
+
+def test_overwrite_does_not_write_through_a_link_in_a_perft_folder(env, tmp_path, capfd):
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    (target / "keep.txt").write_text("precious")
+    out = user_folder(tmp_path, "train", files={})
+    os.symlink(target, out / "checkpoint-1")
+    check_refused("output folder policy", "train --overwrite-output-dir: link inside a perft folder",
+                  train_argv(env, out, "--overwrite-output-dir"), "symbolic link", [out, target], capfd)
