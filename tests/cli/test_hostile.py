@@ -250,7 +250,7 @@ def test_output_that_is_a_file(env, tmp_path, capfd, command):
     out = tmp_path / "out"
     out.write_text("a file")
     check_refused("output folder policy", f"{command}: output is a file", COMMANDS[command](env, out),
-                  "is a file; give a folder" if command == "eval" else "exists and is not a folder", [tmp_path], capfd)
+                  "exists and is not a folder", [tmp_path], capfd)
 
 
 def test_data_file_where_the_run_writes_its_metrics(env, tmp_path, capfd):
