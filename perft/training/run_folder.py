@@ -81,6 +81,12 @@ class RunFolder:
         """The checkpoint's state, if it was written by the same settings on the same data."""
         state = ckpt.read_state(checkpoint)
         saved = state.get("fingerprint", {})
+        legacy = saved.get("model")  # a checkpoint from before content fingerprints recorded the base's path
+        if isinstance(legacy, str) and not legacy.startswith("sha256:"):
+            from perft.fingerprint import base_fingerprint
+
+            if base_fingerprint(legacy) == fingerprint.get("model"):
+                saved = {**saved, "model": fingerprint.get("model")}
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed[:4])
