@@ -88,14 +88,17 @@ class PerftConfig:
         variant.validate(self)
         if self.alpha is not None and (not _is_number(self.alpha) or not math.isfinite(self.alpha)):
             raise PerftError(f"alpha must be a finite number, got {self.alpha!r}")
+        if self.alpha is not None and not self.alpha > 0:  # issue 15: alpha 0 makes the adapter a constant no-op
+            raise PerftError(f"alpha must be > 0 (the adapter's scale alpha/rank), got {self.alpha!r}")
         if not _is_number(self.dropout) or not 0.0 <= self.dropout < 1.0:
             raise PerftError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
         if not _is_number(self.router_aux_loss_coef) or not (
             math.isfinite(self.router_aux_loss_coef) and self.router_aux_loss_coef >= 0
         ):
             raise PerftError(f"router_aux_loss_coef must be a finite number >= 0, got {self.router_aux_loss_coef!r}")
-        if not _is_number(self.router_init_std) or not self.router_init_std > 0:
-            raise PerftError(f"router_init_std must be > 0, got {self.router_init_std!r}")
+        if not _is_number(self.router_init_std) or not (math.isfinite(self.router_init_std)
+                                                        and self.router_init_std > 0):
+            raise PerftError(f"router_init_std must be a finite number > 0, got {self.router_init_std!r}")
         if self.normalize_top_k is not None and not isinstance(self.normalize_top_k, bool):
             raise PerftError(f"normalize_top_k must be true, false or null, got {self.normalize_top_k!r}")
         if self.layers is not None:

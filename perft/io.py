@@ -44,7 +44,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
 
 def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
     tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    try:
+        _atomic_write(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except SafetensorError as err:  # e.g. the disk filled up while serialising
+        raise PerftError(f"cannot write {path}: {err}; free some disk space (or pick another --output) "
+                         "and resume") from None
 
 
 def pickle_siblings(path: str | Path) -> list[str]:

@@ -201,4 +201,9 @@ def _fill_base_facts(config: PerftConfig, base_model: nn.Module, blocks: list[Mo
     config.model_type = getattr(base_config, "model_type", None)
     config.base_shapes = base_shapes(base_model, require_moe_blocks(base_model))
     config.base_shapes["adapted_blocks"] = [b.path for b in blocks]
+    from perft.fingerprint import base_fingerprint
+
+    fingerprint = base_fingerprint(name) if name else None  # content, not path (perft.fingerprint)
+    if fingerprint:
+        config.base_shapes["fingerprint"] = fingerprint
 

@@ -407,6 +407,10 @@ class PerftModel(NotMergeableMixin, nn.Module):
         else:
             config, state, source = read_adapter_dir(directory)
             check_compatible(config, base_model)
+            from perft.evaluation.adapter_dirs import warn_if_other_base  # by content (perft.fingerprint)
+
+            warn_if_other_base(getattr(getattr(base_model, "config", None), "_name_or_path", "") or "", directory,
+                               "perft")
             model = cls(base_model, config, adapter_name)
             model.load_adapter_state_dict(state, source=source)
         if not is_trainable:

@@ -282,6 +282,17 @@ def read_routers(directory: Path) -> dict[str, np.ndarray]:
         raise PerftError(f"{path} is not a readable safetensors file ({err})") from None
 
 
+def _check_router(source: Path, path: str, rows: np.ndarray, base: Any) -> None:
+    """A router read back from a checkpoint: a finite [N, hidden] matrix of the base's width (issue 15)."""
+    width = np.asarray(base).shape[1] if base is not None else None
+    if rows.ndim != 2 or rows.shape[0] < 1 or (width is not None and rows.shape[1] != width):
+        raise PerftError(f"{source}: router {path}.router has shape {tuple(rows.shape)}, not [experts, "
+                         f"{width or 'hidden'}]; the checkpoint is damaged or belongs to another model")
+    if not np.isfinite(rows).all():
+        raise PerftError(f"{source}: router {path}.router contains NaN or Inf; the checkpoint is damaged "
+                         "(or its run diverged): leave it out of --checkpoints")
+
+
 def checkpoint_geometry(
     run_dir: str | Path, base_routers: dict[str, np.ndarray], layer_of: dict[str, int]
 ) -> dict[str, Any]:
@@ -302,6 +313,7 @@ def checkpoint_geometry(
         for path, rows in routers.items():
             if path not in layer_of:
                 continue
+            _check_router(directory / WEIGHTS_NAME, path, rows, base_routers.get(path))
             geo = router_geometry(rows, base_routers.get(path))
             entry = series.setdefault(str(layer_of[path]), {"path": path, "steps": [], "geometry": []})  # type: ignore[dict-item]
             entry["steps"].append(step if step is not None else label)

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from perft.cli.device import check_device
 from perft.errors import PerftError
 from perft.quantization import add_quantization_arguments, quantization_kwargs
 
@@ -31,6 +32,8 @@ def register(subparsers: Any) -> None:
                         help="PERFT adapter folder or `perft train` run folder (its adapter/); repeat to compare runs side by side (none: the base model)")
     parser.add_argument("--data", required=True, help="LLM-Adapters JSON records (instruction, input, output)")
     parser.add_argument("--output", required=True, help="output folder (analysis.json, figures/, report.html)")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="if --output holds files perft did not write, move that folder aside first")
     parser.add_argument("--split-by", default=None, metavar="FIELD", help="also report statistics per value of FIELD")
     parser.add_argument("--layers", default=None, help="MoE layer indices to analyse, e.g. 0,1,15 or 12-15 (default: all)")
     parser.add_argument("--projection-layers", default=None,
@@ -96,13 +99,10 @@ def _check_layers_exist(model: str, layers: list[int]) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
 
     from perft.analysis.data import prepare_data
     from perft.analysis.geometry import find_checkpoints
-    from perft.analysis.pipeline import AnalysisOptions, analyze, check_adapter_dir
-    from perft.analysis.report import write_report
-    from perft.loading import load_base_model, load_tokenizer
+    from perft.analysis.pipeline import AnalysisOptions, check_adapter_dir
 
     options = AnalysisOptions(
         split_by=args.split_by,
@@ -130,24 +130,38 @@ def run(args: argparse.Namespace) -> int:
         check_adapter_matches(args.model, adapter, command="perft analyze")
     if args.checkpoints:
         find_checkpoints(args.checkpoints)
+    check_device(args.device)
     output = Path(args.output)
     if output.exists() and not output.is_dir():
         raise PerftError(f"--output {output} exists and is not a folder")
-    from perft.io import check_writable_dir
+    from perft.output_dir import OutputFolder
 
-    check_writable_dir(output)
+    with OutputFolder(output, "analyze", overwrite=args.overwrite_output_dir,
+                      legacy=(output / "analysis.json").is_file()) as claimed:
+        return _analyze(args, options, output, claimed)
+
+
+def _analyze(args: argparse.Namespace, options: Any, output: Path, claimed: Any) -> int:
+    """The model load and the analysis itself, in a claimed and locked output folder."""
+    import torch
+
+    from perft.analysis.pipeline import analyze
+    from perft.analysis.report import write_report
+    from perft.loading import load_base_model, load_tokenizer
+
     _check_layers_exist(args.model, (options.layers or []) + (options.projection_layers or []))
     if args.no_progress:
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
-    device = torch.device(args.device) if args.device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(check_device(args.device))
     model = load_base_model(args.model, dtype=args.dtype, trust_remote_code=args.trust_remote_code,
                             **quantization_kwargs(args))
     model.to(device).eval()
     tokenizer = load_tokenizer(args.tokenizer or args.model, trust_remote_code=args.trust_remote_code)
     result = analyze(model, tokenizer, args.data, args.adapter, options, model_name=args.model)
+    claimed.begin()
     written = write_report(result, output)
     print(f"wrote {written['html']} ({len(written) - 2} figures, numbers in {written['json']})")
     return 0

@@ -32,11 +32,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "(e.g. docs/results-tiny.md)")
     parser.add_argument("--no-progress", action="store_true")
     add_quantization_arguments(parser)
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="if --output holds files perft did not write, move that folder aside first")
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from perft.errors import PerftError
 
     cfg = DemoConfig(output=args.output, seed=args.seed, max_eval_samples=args.max_eval_samples, max_steps=args.max_steps,
                      threads=args.threads, progress=not args.no_progress, base_quantization=quantization_kwargs(args))
@@ -44,6 +45,36 @@ def run(args: argparse.Namespace) -> int:
         cfg.epochs = args.epochs
     if args.lr is not None:
         cfg.lr = args.lr
+    _check_numbers(args)
+    from pathlib import Path
+
+    from perft.output_dir import OutputFolder
+
+    legacy = (Path(cfg.output) / "base").is_dir()
+    with OutputFolder(cfg.output, "demo", overwrite=args.overwrite_output_dir, legacy=legacy) as output:
+        output.begin()
+        return _run(args, cfg)
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Every number a user can pass, before anything is loaded or written."""
+    import math
+
+    from perft.errors import PerftError
+
+    if args.epochs is not None and not (math.isfinite(args.epochs) and 0 < args.epochs <= 10_000):
+        raise PerftError(f"--epochs must be a number in (0, 10000], got {args.epochs!r}")
+    if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= 10):
+        raise PerftError(f"--lr must be a number in (0, 10], got {args.lr!r}")
+    for flag, value, low in (("--max-steps", args.max_steps, 1), ("--max-eval-samples", args.max_eval_samples, 1),
+                             ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+        if value is not None and not low <= value <= (2**32 - 1 if flag == "--seed" else 10**9):
+            raise PerftError(f"{flag} must be an integer >= {low} (and not absurdly large), got {value!r}")
+
+
+def _run(args: argparse.Namespace, cfg: DemoConfig) -> int:
+    from perft.errors import PerftError
+
     if args.all_variants:
         try:
             seeds = tuple(int(s) for s in args.seeds.split(",") if s.strip())

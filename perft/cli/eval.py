@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from perft.cli.device import check_device
 from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
 from perft.quantization import add_quantization_arguments, quantization_kwargs
@@ -35,6 +36,8 @@ def register(subparsers: Any) -> None:
     parser.add_argument("--data-dir", default="dataset", help="folder holding <task>/test.json (default: dataset)")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--output", help="folder for per-sample JSONL, summary.json and table.txt (resumable)")
+    parser.add_argument("--overwrite-output-dir", action="store_true",
+                        help="if --output holds files perft did not write, move that folder aside first")
     parser.add_argument("--protocol", choices=("generate", "loglik"), default="generate",
                         help="generate: the paper's protocol (default); loglik: option log-likelihoods")
     parser.add_argument("--num-beams", type=int, default=4, help="beam width (default 4, as the paper)")
@@ -69,7 +72,6 @@ def _where(name_or_path: str) -> str:
 
 
 def _load(args: argparse.Namespace) -> tuple[Any, Any]:
-    import torch
 
     from perft.loading import load_base_model, load_tokenizer
 
@@ -79,7 +81,7 @@ def _load(args: argparse.Namespace) -> tuple[Any, Any]:
         from perft.methods import load_adapted
 
         model = load_adapted(model, args.adapter)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = check_device(args.device)
     if getattr(model, "hf_device_map", None) is None:
         try:
             model.to(device)
@@ -98,7 +100,7 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     from perft.evaluation.generation import DecodingSettings
-    from perft.evaluation.runner import EvalSettings, Evaluation, format_table, prepare_tasks
+    from perft.evaluation.runner import EvalSettings, Evaluation, prepare_tasks
 
     tasks = _split(args.tasks)
     lm_tasks = _split(args.lm_eval_tasks)
@@ -116,6 +118,10 @@ def run(args: argparse.Namespace) -> int:
         from perft.evaluation.adapter_dirs import resolve_adapter_dir
 
         args.adapter = resolve_adapter_dir(args.adapter)
+    from perft.output_dir import check_output
+
+    legacy = any((Path(args.output) / name).is_file() for name in ("run.json", "summary.json"))
+    check_output(args.output, "eval", overwrite=args.overwrite_output_dir, legacy=legacy)  # before reading it
     evaluation = None
     if tasks:
         settings = EvalSettings(
@@ -138,15 +144,24 @@ def run(args: argparse.Namespace) -> int:
         from perft.methods import check_adapter_matches
 
         check_adapter_matches(args.model, args.adapter, command="perft eval")
-    from perft.io import check_writable_dir
+    from perft.output_dir import OutputFolder
 
-    check_writable_dir(args.output)
+    check_device(args.device)
+    with OutputFolder(args.output, "eval", overwrite=args.overwrite_output_dir, legacy=legacy) as output:
+        return _evaluate(args, evaluation, lm_tasks, manager, output)
+
+
+def _evaluate(args: argparse.Namespace, evaluation: Any, lm_tasks: list[str], manager: Any, output: Any) -> int:
+    """The model load and the evaluation itself, in a claimed and locked output folder."""
     if args.no_progress:  # also no "Loading weights" bars from transformers
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()
 
+    from perft.evaluation.runner import format_table
+
     model, tokenizer = _load(args)
+    output.begin()
 
     if evaluation is not None:
         summary = evaluation.run(model, tokenizer, progress=not args.no_progress)

@@ -32,6 +32,7 @@ _HELP = {
     "precision": "auto: bf16 autocast where the CPU has native bf16 (weights stay fp32), else fp32",
     "deterministic": "use torch's deterministic algorithms",
     "log_every": "steps between log lines",
+    "overwrite_output_dir": "if --output holds files perft did not write, move that folder aside first",
 }
 
 

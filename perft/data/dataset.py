@@ -37,6 +37,9 @@ def load_records(path: str | Path) -> list[dict[str, Any]]:
         raise PerftError(f"data file {path} does not exist: check the --data path")
     if path.is_dir():
         raise PerftError(f"data path {path} is a directory: give the JSON / JSONL / CSV / Parquet file itself")
+    if not path.is_file():  # a named pipe would block forever, a device never ends
+        raise PerftError(f"data path {path} is not a regular file (a named pipe, device or socket): "
+                         "save the records to a file and pass that")
     suffix = path.suffix.lower()
     if suffix in _DATASETS_BUILDERS:
         return _load_with_datasets(path, _DATASETS_BUILDERS[suffix])
@@ -101,6 +104,7 @@ def _load_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
     import datasets
 
     kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    datasets.disable_progress_bars()  # a local file loads in moments; and --no-progress must hold
     with tempfile.TemporaryDirectory(prefix="perft-data-") as cache:  # keep the user's HF cache clean
         try:
             ds = datasets.load_dataset(builder, data_files=str(path), split="train", cache_dir=cache,

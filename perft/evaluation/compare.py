@@ -24,6 +24,21 @@ def load_summary(run: str | Path) -> dict[str, Any]:
         raise PerftError(f"{path} is not a readable summary ({err}); re-run the evaluation") from None
     if not isinstance(summary, dict) or not isinstance(summary.get("tasks"), dict):
         raise PerftError(f"{path} is not a perft evaluation summary (no 'tasks'); re-run the evaluation")
+    metrics = summary.get("metrics") or ["accuracy"]
+    if not isinstance(metrics, list) or not all(isinstance(m, str) for m in metrics):
+        raise PerftError(f"{path}: 'metrics' is damaged ({metrics!r}); re-run the evaluation")
+    for task, entry in summary["tasks"].items():
+        if not isinstance(entry, dict):
+            raise PerftError(f"{path}: task {task!r} is damaged (not an object); re-run the evaluation")
+        for metric in metrics:
+            value = entry.get(metric)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                                      or not 0 <= value <= 1):
+                raise PerftError(f"{path}: task {task!r} has {metric} {value!r}, not a fraction in [0, 1]; "
+                                 "re-run the evaluation")
+    for key in ("protocol", "protocol_description"):
+        if summary.get(key) is not None and not isinstance(summary[key], str):
+            raise PerftError(f"{path}: {key} {summary[key]!r} is damaged; re-run the evaluation")
     return summary
 
 

@@ -83,6 +83,10 @@ def _record_problem(spec: TaskSpec, record: Any) -> str | None:
         return "has no 'instruction' text"
     if record.get("input") is not None and not isinstance(record.get("input"), str):
         return "has an 'input' that is not text"
+    for key in ("instruction", "input", "answer"):  # a lone surrogate ("\ud800") no tokenizer can take
+        value = record.get(key)
+        if isinstance(value, str) and not _encodable(value):
+            return f"has an '{key}' that is not valid Unicode text (an unpaired surrogate such as \\ud800)"
     if "answer" not in record or record["answer"] is None or str(record["answer"]).strip() == "":
         return "has no 'answer'"
     answer = record["answer"]
@@ -280,7 +284,7 @@ class Evaluation:
                 continue
             try:
                 row = json.loads(line)
-                index = int(row["index"])
+                index = row["index"]
             except (KeyError, TypeError, ValueError, RecursionError):
                 if number == len(lines) - 1:
                     dropped_tail = True  # a line cut short by an interrupted run
@@ -288,6 +292,10 @@ class Evaluation:
                 raise PerftError(
                     f"{path} line {number + 1} is not a result row; delete the file to re-evaluate {task.spec.name}"
                 ) from None
+            problem = _row_problem(row)
+            if problem:
+                raise PerftError(f"{path} line {number + 1} is a damaged result row ({problem}); delete the file to "
+                                 f"re-evaluate {task.spec.name}")
             if index < task.total and row.get("prompt") != task.prompt(index):
                 raise PerftError(
                     f"{path} was written for different test data (sample {index} has another prompt); "
@@ -447,3 +455,24 @@ def _short(metric: str) -> str:
 
 def _pct(value: float | None) -> str:
     return "-" if value is None else f"{100 * value:.2f}"
+
+
+def _row_problem(row: Any) -> str | None:
+    """What is wrong with a per-sample result row read back from disk, or None (issue 15: by type)."""
+    index = row.get("index")
+    if isinstance(index, bool) or not isinstance(index, int) or index < 0:
+        return f"index {index!r} is not a sample number"
+    for key in ("correct", "correct_norm"):
+        if key in row and not isinstance(row[key], bool):
+            return f"{key} {row[key]!r} is not true or false"
+    if "correct" not in row:
+        return "no 'correct' field"
+    return None
+
+
+def _encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -144,6 +144,14 @@ def pretrain(cfg: PretrainConfig, log: Callable[[str], None] | None = None) -> d
     log = log or functools.partial(print, flush=True)
     cfg.validate()
     out = Path(cfg.output)
+    from perft.output_dir import OutputFolder
+
+    legacy = (out / STATS_NAME).is_file() and (out / "config.json").is_file()
+    with OutputFolder(out, "pretrain", overwrite=cfg.overwrite_output_dir, legacy=legacy):
+        return _pretrain(cfg, out, log)
+
+
+def _pretrain(cfg: PretrainConfig, out: Path, log: Callable[[str], None]) -> dict[str, Any]:
     start = time.time()
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
@@ -257,14 +265,16 @@ def _save_atomically(
         os.chmod(tmp, 0o777 & ~umask)
         for path in tmp.iterdir():
             os.chmod(path, 0o666 & ~umask)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        from perft.output_dir import LOCK_NAME, MARKER_NAME, move_aside, user_entries
+
+        (tmp / MARKER_NAME).write_text(json.dumps({"kind": "pretrain", "written_by": "perft"}) + "\n")
+        if out.exists() and user_entries(out):  # an older model (or, with --overwrite-output-dir, anything):
+            moved = move_aside(out)  # moved aside whole, never deleted
+            print(f"moved the previous contents of {out} aside to {moved}", flush=True)
+        elif out.exists():  # only our lock file: the folder is replaced by the new one
+            (out / LOCK_NAME).unlink(missing_ok=True)
+            (out / MARKER_NAME).unlink(missing_ok=True)
+        os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -40,8 +40,10 @@ class PretrainConfig:
     precision: str = "auto"
     deterministic: bool = True
     log_every: int = 50
+    overwrite_output_dir: bool = False
 
     def validate(self) -> None:
+        self._validate_numbers()
         positive = (
             "steps", "batch_size", "seq_len", "hidden_size", "num_layers", "num_heads", "num_experts",
             "top_k", "intermediate_size", "vocab_size", "tokenizer_docs", "threads",
@@ -66,3 +68,20 @@ class PretrainConfig:
             )
         if self.vocab_size < 300:
             raise PerftError(f"--vocab-size {self.vocab_size} is too small for a byte-level BPE: use >= 300")
+
+    def _validate_numbers(self) -> None:
+        """Finite, in range and bounded: checked before the first line of work."""
+        import math
+
+        for name in ("lr", "min_lr_ratio", "weight_decay", "grad_clip", "router_aux_loss_coef"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise PerftError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
+        for name in ("weight_decay", "grad_clip", "router_aux_loss_coef"):
+            if getattr(self, name) < 0:
+                raise PerftError(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)!r}")
+        for name, low, high in (("seed", 0, 2**32 - 1), ("warmup_steps", 0, 10**9), ("log_every", 1, 10**9),
+                                ("eval_docs_per_domain", 1, 10**7), ("steps", 1, 10**9), ("threads", 1, 4096)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+                raise PerftError(f"--{name.replace('_', '-')} must be an integer in [{low}, {high}], got {value!r}")

@@ -360,6 +360,7 @@ class TrainingConfig:
             _number(self, name)
             if not getattr(self, name) < 1:
                 raise PerftError(f"{name} must be in [0, 1), got {getattr(self, name)!r}")
+        self._validate_meaning()
         get_method(self.method).validate(self)
         if self.load_best_at_end and self.val_set_size > 0 and self.save_steps % self.eval_steps:
             raise PerftError(
@@ -368,6 +369,19 @@ class TrainingConfig:
             )
         if self.resume is not None and not isinstance(self.resume, str):
             raise PerftError(f"resume must be 'latest', 'auto' or a checkpoint directory, got {self.resume!r}")
+
+    def _validate_meaning(self) -> None:
+        """Issue 15: values that pass their type but mean nothing (an adapter that can never change the
+        model, a step count no run reaches, a division by zero in AdamW)."""
+        if self.alpha is not None:
+            _number(self, "alpha", positive=True)  # alpha 0: the adapter's output is multiplied by 0
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) or not 0 <= self.dropout < 1:
+            raise PerftError(f"dropout must be a number in [0, 1), got {self.dropout!r}")
+        _number(self, "adam_epsilon", positive=True)  # eps 0 divides by zero where a moment is 0
+        if self.epochs > MAX_EPOCHS:
+            raise PerftError(f"epochs must be <= {MAX_EPOCHS}, got {self.epochs!r}; use --max-steps for a step count")
+        if self.lr > 10:
+            raise PerftError(f"lr {self.lr!r} is far outside any useful learning rate: pass a value <= 10")
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -408,8 +422,10 @@ class TrainingConfig:
     def fingerprint(self) -> dict[str, Any]:
         """The settings a resumed run must share with the run that wrote the checkpoint."""
         data = {k: v for k, v in self.to_dict().items() if k not in RESUMABLE_CHANGES and k != "data"}
-        model = Path(str(self.model)).expanduser()
-        data["model"] = str(model.resolve()) if model.exists() else str(self.model)
+        from perft.fingerprint import base_fingerprint
+
+        model = Path(str(self.model)).expanduser()  # by content: a moved copy resumes, a changed one does not
+        data["model"] = base_fingerprint(model) or (str(model.resolve()) if model.exists() else str(self.model))
         if self.tokenizer:
             tok = Path(self.tokenizer).expanduser()
             data["tokenizer"] = str(tok.resolve()) if tok.exists() else self.tokenizer
@@ -441,6 +457,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
         raise PerftError(f"config file {path} must hold a mapping of settings, got {type(data).__name__}")
     return data
 
+
+MAX_EPOCHS = 1_000_000
 
 def _int(cfg: TrainingConfig, name: str, minimum: int, maximum: int = MAX_INT) -> None:
     value = getattr(cfg, name)

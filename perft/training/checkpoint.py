@@ -268,11 +268,51 @@ def save_checkpoint(
         fault_point("before_state", step)
         payload = {"format_version": FORMAT_VERSION, **state}
         (tmp / STATE_NAME).write_text(json.dumps(payload, indent=1, sort_keys=True), encoding="utf-8")
+        write_digest(tmp)
         fault_point("before_rename", step)
         replace_dir(tmp, final)
         fault_point("after_rename", step)
     ctx.barrier()
     return final
+
+
+DIGEST_NAME = "checkpoint_digest.json"
+
+
+def _sha256(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_digest(directory: Path) -> None:
+    """Hashes of every file of a checkpoint (its state, whose config fingerprint and step are inside, its
+    weights, optimiser, scheduler and RNG), so a resume can tell files edited or mixed from elsewhere."""
+    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != DIGEST_NAME}
+    (directory / DIGEST_NAME).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True), encoding="utf-8")
+
+
+def check_digest(checkpoint: Path) -> None:
+    """Every file the digest names is there and unchanged (a checkpoint written before digests passes)."""
+    path = checkpoint / DIGEST_NAME
+    if not path.exists():
+        return
+    data = _read_json(path)
+    files = data.get("sha256") if isinstance(data, dict) else None
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise PerftError(f"{path} is damaged (no sha256 mapping); resume from an older checkpoint")
+    for name, expected in sorted(files.items()):
+        target = checkpoint / name
+        if "/" in name or name.startswith(".") or not target.is_file():
+            raise PerftError(f"{checkpoint}: {name} named by {DIGEST_NAME} is missing; the checkpoint is incomplete: "
+                             "resume from an older checkpoint")
+        if _sha256(target) != expected:
+            raise PerftError(f"{checkpoint}: {name} does not match the digest written with the checkpoint (edited, "
+                             "or copied from another checkpoint): restore it or resume from an older checkpoint")
 
 
 def read_state(checkpoint: Path) -> dict[str, Any]:
@@ -333,6 +373,7 @@ def load_training_state(checkpoint: Path, *, model: nn.Module, optimizer: torch.
         set_rng_state(*current[2])
         raise PerftError(f"{checkpoint}: {what} is damaged ({type(err).__name__}: {err}); "
                          "resume from an older checkpoint") from None
+    check_digest(checkpoint)  # last, so a damaged file is named by the check that knows what is wrong with it
 
 
 def _check_optimizer_tensors(optimizer: torch.optim.Optimizer, names: list[str], tensors: dict[str, torch.Tensor],

@@ -115,3 +115,18 @@ def describe_run(cfg: TrainingConfig, ctx: DistributedContext, data: PreparedDat
         f"accumulation {cfg.grad_accumulation(ctx.world_size)} x {ctx.world_size} process(es); device "
         f"{ctx.device}{', bf16 autocast' if bf16 else ''}" + (f"; {cfg.strategy}" if ctx.distributed else ""),
     ]
+
+
+def check_token_ids(model: nn.Module, data: PreparedData, tokenizer: str) -> None:
+    """Every token id of the data has a row in the model's embedding (issue 15: an IndexError otherwise)."""
+    embedding = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(embedding, "num_embeddings", None)
+    if not rows:
+        return
+    splits = [data.train] + ([data.val] if data.val is not None else [])
+    biggest = max((max(ids) for split in splits for ids in split["input_ids"] if len(ids)), default=-1)
+    if biggest >= rows:
+        raise PerftError(
+            f"the tokenizer of {tokenizer} produced token id {biggest}, but the model's embedding has only {rows} "
+            "tokens: use the tokenizer the model was trained with (or resize the model's embeddings first)"
+        )

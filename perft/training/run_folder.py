@@ -15,12 +15,14 @@ from typing import Any
 
 from perft.errors import PerftError
 from perft.io import atomic_write_text, check_writable_dir
+from perft.output_dir import OutputFolder, check_input_outside
 from perft.training import checkpoint as ckpt
 
 ADAPTER_DIR = "adapter"
 METRICS_NAME = "metrics.jsonl"
 SUMMARY_NAME = "train_summary.json"
 CONFIG_NAME = "training_config.yaml"
+MANAGED_NAMES = (METRICS_NAME, SUMMARY_NAME, CONFIG_NAME)  # files a run writes at the top of its folder
 
 
 class RunFolder:
@@ -30,6 +32,23 @@ class RunFolder:
         self.path = path
         self.adapter_dir = path / ADAPTER_DIR
         self.metrics = path / METRICS_NAME
+        self.output: OutputFolder | None = None  # claimed by the main process
+
+    def claim(self, resume: str | None, overwrite: bool, inputs: dict[str, Any]) -> None:
+        """Apply the output-folder policy and take the folder's lock (fails at once if another run holds it)."""
+        if resume is not None and overwrite:
+            raise PerftError("--resume and --overwrite-output-dir contradict each other: pass --resume to continue "
+                             "the run, or --overwrite-output-dir to start over, not both")
+        for what, value in inputs.items():
+            if value:
+                check_input_outside(str(value), self.path, what, MANAGED_NAMES)
+        legacy = (self.path / CONFIG_NAME).is_file() and bool(ckpt.list_checkpoints(self.path))
+        self.output = OutputFolder(self.path, "train", overwrite=overwrite, legacy=legacy)
+
+    def release(self) -> None:
+        if self.output is not None:
+            self.output.release()
+            self.output = None
 
     # ------------------------------------------------------------------ before anything is written
     def resume_point(self, resume: str | None, overwrite: bool) -> Path | None:
@@ -62,6 +81,12 @@ class RunFolder:
         """The checkpoint's state, if it was written by the same settings on the same data."""
         state = ckpt.read_state(checkpoint)
         saved = state.get("fingerprint", {})
+        legacy = saved.get("model")  # a checkpoint from before content fingerprints recorded the base's path
+        if isinstance(legacy, str) and not legacy.startswith("sha256:"):
+            from perft.fingerprint import base_fingerprint
+
+            if base_fingerprint(legacy) == fingerprint.get("model"):
+                saved = {**saved, "model": fingerprint.get("model")}
         changed = sorted(k for k in set(saved) | set(fingerprint) if saved.get(k) != fingerprint.get(k))
         if changed:
             diffs = ", ".join(f"{k}: {saved.get(k)!r} -> {fingerprint.get(k)!r}" for k in changed[:4])
@@ -90,6 +115,9 @@ class RunFolder:
         import yaml
 
         self.path.mkdir(parents=True, exist_ok=True)
+        moved = self.output.begin() if self.output is not None else None
+        if moved is not None:
+            print(f"moved the old contents of {self.path} aside to {moved} (--overwrite-output-dir)", flush=True)
         ckpt.remove_stale_temporaries(self.path)
         if resumed_step is None and overwrite:
             for _, path in ckpt.list_checkpoints(self.path):
@@ -126,13 +154,30 @@ class RunFolder:
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME)
+        skip = ("optimizer.", "scheduler.", "rng_state_", ckpt.STATE_NAME, ckpt.DIGEST_NAME)
+        self.check_finite_weights(checkpoint, skip)
         for item in checkpoint.iterdir():
             if item.is_file() and not item.name.startswith(skip):
                 shutil.copy2(item, tmp / item.name)
         ckpt.fault_point("export", step)
         ckpt.replace_dir(tmp, self.adapter_dir)
         return self.adapter_dir
+
+    @staticmethod
+    def check_finite_weights(checkpoint: Path, skip: tuple[str, ...]) -> None:
+        """Never export NaN or Inf adapter weights (issue 15)."""
+        import torch
+
+        from perft.io import load_safetensors
+        from perft.training.state import NonFiniteLoss
+
+        for item in sorted(checkpoint.glob("*.safetensors")):
+            if item.name.startswith(skip):
+                continue
+            for name, tensor in load_safetensors(item).items():
+                if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+                    raise NonFiniteLoss(f"{item} holds NaN or Inf in {name}; no adapter was exported: lower --lr "
+                                        "(or fix the data) and start a new run")
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / SUMMARY_NAME, json.dumps(summary, indent=1) + "\n")

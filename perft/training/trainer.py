@@ -52,6 +52,7 @@ from perft.training.distributed import (
 from perft.training.loggers import MetricLogger, check_reporters, open_loggers
 from perft.training.modeling import (
     build_model,
+    check_token_ids,
     describe_run,
     parameter_counts,
     preflight_model,
@@ -114,6 +115,7 @@ class Trainer:
             for logger in self.loggers:
                 logger.close()
             self.loggers.clear()
+            self.folder.release()
 
     def _setup(self) -> Path | None:
         """Check everything, load data and model, restore a checkpoint; then prepare the run folder."""
@@ -121,6 +123,8 @@ class Trainer:
         cfg.normalise()
         cfg.validate(ctx.world_size)
         check_reporters(cfg.reporters)
+        if ctx.is_main:  # the output-folder policy and its lock (perft.output_dir)
+            self.folder.claim(cfg.resume, cfg.overwrite_output_dir, inputs={"--data": cfg.data})
         resume_from = self.folder.resume_point(cfg.resume, cfg.overwrite_output_dir)
         if ctx.distributed:  # every process must continue from the same place (checkpoints on a shared disk)
             chosen = ctx.broadcast_object(str(resume_from) if resume_from else None)
@@ -141,6 +145,7 @@ class Trainer:
                  if resume_from else None)
         built = build_model(cfg, ctx, resume_from)
         model = self.model = built.model
+        check_token_ids(unwrap(model), data, cfg.tokenizer or str(cfg.model))
         self.base_aux_coef, self.pass_router_flag = built.base_aux_coef, built.pass_router_flag
 
         self.collate = PaddingCollator(tokenizer.pad_token_id)
@@ -347,6 +352,9 @@ class Trainer:
                                   **load_record(loads)}
         if count == 0:  # no response token survived the cutoff in any validation example
             val_loss = float("nan")
+        elif not math.isfinite(val_loss):  # as a non-finite training loss: stop, never pick or export it
+            raise NonFiniteLoss(f"the validation loss became {val_loss} at step {step}; stopped, "
+                                f"{self.folder.last_checkpoint_note()}: lower --lr (or fix the data) and start anew")
         ckpt.fault_point("eval", step)
         improved = count > 0 and self.state.improve(step, val_objective)
         self._emit(record)

@@ -29,6 +29,9 @@ from safetensors.torch import load_file, save_file
 
 from perft.cli import main
 from perft.errors import PerftError
+from perft.output_dir import MARKER_NAME
+from tests.helpers.hostile import CRASH_MARK
+from tests.helpers.hostile import record as record_case
 from tests.helpers.training import PYTHON, config, make_workspace, one_thread, subprocess_env
 
 # ---------------------------------------------------------------------------- fixtures and helpers
@@ -158,9 +161,11 @@ def train_argv(env: Env, out: Path, *extra: str) -> list[str]:
             "--eval-steps", "2", "--save-steps", "2", "--report-to", "none", "--no-progress", *extra]
 
 
-def existing_output(tmp: Path) -> Path:
+def existing_output(tmp: Path, kind: str = "train") -> Path:
+    """An earlier perft output folder of `kind` (by its marker) holding one of the user's own files."""
     out = tmp / "out"
     out.mkdir()
+    (out / MARKER_NAME).write_text(json.dumps({"kind": kind, "written_by": "perft"}))
     (out / "notes.txt").write_text("the user's own file")
     return out
 
@@ -220,7 +225,7 @@ def task_case(env: Env, tmp: Path, sidecar: dict[str, Any] | bytes, message: str
 
 
 def eval_output_case(env: Env, tmp: Path, name: str, content: bytes, message: str) -> Case:
-    out = existing_output(tmp)
+    out = existing_output(tmp, "eval")
     (out / name).write_bytes(content)
     return Case(eval_argv(env, out), message, [out])
 
@@ -233,7 +238,7 @@ def analyze_argv(env: Env, out: Path, *extra: str) -> list[str]:
 def analyze_data_case(env: Env, tmp: Path, content: str, message: str) -> Case:
     path = tmp / "records.json"
     path.write_text(content)
-    out = existing_output(tmp)
+    out = existing_output(tmp, "analyze")
     return Case(analyze_argv(env, out, "--data", str(path)), message, [out, path])
 
 
@@ -280,7 +285,7 @@ def _moments(change: Callable[[torch.Tensor], torch.Tensor]) -> Callable[[dict[s
 CASES: dict[str, Callable[[Env, Path], Case]] = {
     # ---- YAML config files
     "yaml_logging_dir_outside_output": lambda e, t: yaml_case(e, t, "logging_dir: ../../etc\n",
-                                                              "sets transformers' 'logging_dir', which perft does not take"),
+                                                              "'logging_dir', which perft does not take"),
     "yaml_nested_100k_deep": lambda e, t: yaml_case(e, t, f"layers: {DEEP}\n",
                                                     "is not a usable YAML config: maximum recursion depth"),
     "yaml_5000_digit_integer": lambda e, t: yaml_case(e, t, f"seed: {BIG}\n",
@@ -360,7 +365,7 @@ CASES: dict[str, Callable[[Env, Path], Case]] = {
     # ---- output folders
     "output_parent_is_a_file": lambda e, t: Case(train_argv(e, _write(t / "f", "x") / "out"),
                                                  "is a file, not a folder", [t]),
-    "output_is_a_file": lambda e, t: Case(train_argv(e, _write(t / "f", "x")), "exists and is not a directory",
+    "output_is_a_file": lambda e, t: Case(train_argv(e, _write(t / "f", "x")), "exists and is not a folder",
                                           [t]),
     # ---- resuming from damaged checkpoints
     "ckpt_truncated_optimizer": lambda e, t: resume_case(e, t, lambda c: truncate(c / "optimizer.safetensors"),
@@ -458,7 +463,7 @@ CASES: dict[str, Callable[[Env, Path], Case]] = {
     "eval_batch_size_zero": lambda e, t: Case(eval_argv(e, t / "out", "--batch-size", "0"),
                                               "--batch-size must be at least 1", [t]),
     # ---- perft analyze
-    "analyze_seed_negative": lambda e, t: Case(analyze_argv(e, existing_output(t), "--seed", "-1"),
+    "analyze_seed_negative": lambda e, t: Case(analyze_argv(e, existing_output(t, "analyze"), "--seed", "-1"),
                                                "--seed must be in [0, 2**32 - 1], got -1", [t]),
     "analyze_data_nested_100k_deep": lambda e, t: analyze_data_case(e, t, DEEP,
                                                                     "is not a usable JSON data file (maximum recursion depth"),
@@ -467,7 +472,7 @@ CASES: dict[str, Callable[[Env, Path], Case]] = {
     "analyze_output_parent_is_a_file": lambda e, t: Case(analyze_argv(e, _write(t / "f", "x") / "out"),
                                                          "is a file, not a folder", [t]),
     "analyze_corrupt_checkpoint": lambda e, t: Case(
-        analyze_argv(e, existing_output(t), "--adapter", str(e.adapter), "--checkpoints",
+        analyze_argv(e, existing_output(t, "analyze"), "--adapter", str(e.adapter), "--checkpoints",
                      str(_call(_corrupt_run, e.run, t / "run", ret=t / "run"))),
         "checkpoint-2/adapter_model.safetensors is not a readable safetensors file", [t]),
 }
@@ -503,8 +508,12 @@ def test_bad_cli_input_gives_one_clear_line_and_touches_nothing(name, env, tmp_p
     case = CASES[name](env, tmp_path)
     before = {str(p): snapshot(p) for p in case.watch}
     code, lines, err = run_cli(case.argv, capfd)
+    clear = code == 2 and len(lines) == 1 and case.message in lines[0]
+    record_case(f"bad input (existing suite): {name.split('_')[0]}", name, outcome="error" if clear else "wrong",
+           data_lost={str(p): snapshot(p) for p in case.watch} != before,
+           traceback="Traceback" in err or CRASH_MARK in err)
     assert code == 2, (name, err[-2000:])
-    assert "Traceback" not in err
+    assert "Traceback" not in err and CRASH_MARK not in err
     assert len(lines) == 1, (name, err[-2000:])
     assert lines[0].startswith(f"perft {case.argv[0]}: error: "), lines[0]
     assert case.message in lines[0], (name, lines[0])
@@ -624,8 +633,9 @@ def test_paths_in_configs_stay_inside_the_output_folder(env, tmp_path, capfd):
                               report_to="tensorboard", overwrite_output_dir=True))
     assert result.status == "completed"
     assert snapshot(outside) == before  # neither deleted through the link nor written
-    assert sorted(p.name for p in area.iterdir()) == ["out", "outside"]
-    assert not (out / "checkpoint-1").exists()  # the link itself is gone, its target is not
+    # the folder perft did not write (no marker) was moved aside whole, the link with it: nothing deleted
+    assert sorted(p.name for p in area.iterdir()) == ["out", "out.replaced-1", "outside"]
+    assert not (out / "checkpoint-1").exists() and (area / "out.replaced-1" / "checkpoint-1").is_symlink()
     assert (out / "logs").is_dir()
     # an evaluation task whose sidecar names it "../escaped_task" (its folder exists, so it would resolve)
     dataset = area / "data" / "sets"

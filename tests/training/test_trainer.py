@@ -119,6 +119,7 @@ def test_each_bad_input_stops_before_training_and_leaves_output_alone(ws, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "notes.txt").write_text("mine")
+    (out / ".perft-output.json").write_text('{"kind": "train"}')  # a perft train folder holding a user's file
     fresh = tmp_path / "fresh"
     cases = _bad_cases(ws, tmp_path)
     capsys.readouterr()
