@@ -118,8 +118,9 @@ def get_method(name: str) -> Method:
 
 
 def method_of(model: nn.Module) -> Method:
-    """The method that built `model`."""
-    for method in _METHODS.values():
+    """The method that built `model` (the latest registration first: a hybrid that wraps a PERFT model
+    is its own method; PERFT is asked last)."""
+    for method in reversed(_METHODS.values()):
         if method.owns(model):
             return method
     raise PerftError(f"{type(model).__name__} was not built by any registered method ({', '.join(_METHODS)})")
@@ -327,3 +328,8 @@ def _is_peft_adapter(directory: Path) -> bool:
 
 def _lora_target(config: Any) -> str:
     return "experts" if getattr(config, "target_parameters", None) else "attention"
+
+
+# Methods defined in their own modules register on import (they import this module's Method).
+from perft import esft as _esft  # noqa: E402,F401
+from perft import hybrid as _hybrid  # noqa: E402,F401
