@@ -131,7 +131,7 @@ class PerftLoraAttention(Perft):
         inject_attention_lora(base, rank, alpha, dropout)
         model = self._mark(get_perft_model(base, PerftConfig.load(directory)), lora, trainable=False)
         self.load_adapter_state(model, load_safetensors(weights), str(weights))
-        return model.eval()
+        return model.eval().requires_grad_(False)
 
     def parameter_count(self, model: nn.Module) -> tuple[int, int]:
         adapter = sum(v.numel() for v in self.adapter_state(model).values())
