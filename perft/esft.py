@@ -323,8 +323,23 @@ class Esft(Method):
         base.requires_grad_(False)
         base.perft_method = self.name
         base.esft_selection = selection
-        self.load_adapter_state(base, load_safetensors(weights), str(weights))
+        state = load_safetensors(weights)
+        original = {k: v.detach().clone() for k, v in expert_rows(base).items()}
+        self.load_adapter_state(base, state, str(weights))
+        base.esft_original_rows = original  # what `unload` writes back
         return base.eval()
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Write the base's own rows back into the fused tensors (a model returned by `load`)."""
+        original = getattr(model, "esft_original_rows", None)
+        if original is None:
+            raise PerftError("this ESFT model was not loaded with `load`: there are no base rows to restore")
+        with torch.no_grad():
+            for name, target in expert_rows(model).items():
+                target.copy_(original[name])
+        for attr in ("esft_original_rows", "esft_selection", "perft_method"):
+            delattr(model, attr)
+        return model
 
     def check_compatible(self, directory: Path, base_config: dict[str, Any], model: str) -> None:
         config = _read_config(directory)

@@ -133,6 +133,17 @@ class PerftLoraAttention(Perft):
         self.load_adapter_state(model, load_safetensors(weights), str(weights))
         return model.eval().requires_grad_(False)
 
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Remove both parts: PERFT's hooks and adapters, then each LoRA layer for the layer it wrapped."""
+        from peft.tuners.lora import LoraLayer
+
+        base = model.unload()
+        for name, module in list(base.named_modules()):
+            if isinstance(module, LoraLayer):
+                parent_name, _, child = name.rpartition(".")
+                setattr(base.get_submodule(parent_name) if parent_name else base, child, module.get_base_layer())
+        return base
+
     def parameter_count(self, model: nn.Module) -> tuple[int, int]:
         adapter = sum(v.numel() for v in self.adapter_state(model).values())
         return adapter, sum(p.numel() for p in model.parameters())

@@ -69,6 +69,10 @@ class Method:
     def check_compatible(self, directory: Path, base_config: dict[str, Any], model: str) -> None:
         """Before loading the base `model`: refuse an adapter made for another base (`config.json` as a dict)."""
 
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Undo `load`: the base model as it was before (`perft analyze` attaches adapters in turn)."""
+        raise PerftError(f"a {self.name} adapter cannot be detached from its base model; load a fresh base instead")
+
     # ------------------------------------------------------------------ tensors
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trained tensors, as saved (by default: every parameter that requires a gradient)."""
@@ -228,6 +232,9 @@ class Perft(Method):
 
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
+
+    def unload(self, model: nn.Module) -> nn.Module:
+        return model.unload()
 
 
 # ---------------------------------------------------------------------------- PEFT LoRA baselines

@@ -207,3 +207,22 @@ def test_built_model_starts_as_the_base_and_bad_settings_are_refused(train_works
                        ({"esft_sample_tokens": 0}, "esft_sample_tokens"), ({"strategy": "fsdp"}, "FSDP")):
         with pytest.raises(PerftError, match=match):
             config(train_workspace, tmp_path, method="esft-gate", **bad).validate()
+
+
+def test_analyze_takes_the_esft_adapter_and_restores_the_base(train_workspace, trained):
+    from perft.analysis.pipeline import AnalysisOptions, analyze
+    from perft.loading import load_tokenizer
+
+    _, result = trained
+    base = load_base_model(str(train_workspace["model"])).eval()
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    options = AnalysisOptions(projection=None, with_base=True, batch_size=8, progress=False, max_samples=24)
+    with one_thread():
+        out = analyze(base, load_tokenizer(str(train_workspace["model"])), train_workspace["data"],
+                      [result.adapter_dir], options)
+    assert [(r["name"], r["method"]) for r in out["runs"]] == [("base", None), ("adapter", "esft-gate")]
+    assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())  # the rows were written back
+    assert not hasattr(base, "esft_selection")
+    base_layers, esft_layers = out["runs"][0]["layers"], out["runs"][1]["layers"]
+    assert base_layers.keys() == esft_layers.keys()
+    assert base_layers != esft_layers  # trained experts change the hidden states later routers see

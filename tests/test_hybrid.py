@@ -88,3 +88,22 @@ def test_a_state_without_the_lora_part_is_refused(trained):
     state = {k: v for k, v in method.adapter_state(model).items() if not k.startswith(PREFIX)}
     with pytest.raises(PerftError, match="attention LoRA"):
         method.load_adapter_state(model, state, "x")
+
+
+def test_analyze_takes_the_hybrid_adapter_and_restores_the_base(train_workspace, trained):
+    from perft.analysis.pipeline import AnalysisOptions, analyze
+    from perft.loading import load_tokenizer
+
+    _, result = trained
+    base = load_base_model(str(train_workspace["model"])).eval()
+    names = [n for n, _ in base.named_parameters()]
+    with torch.no_grad():
+        expected = base(input_ids=IDS).logits
+    options = AnalysisOptions(projection=None, batch_size=8, progress=False, max_samples=24)
+    with one_thread():
+        out = analyze(base, load_tokenizer(str(train_workspace["model"])), train_workspace["data"],
+                      [result.adapter_dir], options)
+    assert [(r["name"], r["method"], r["variant"]) for r in out["runs"]] == [("adapter", "perft+lora-attn", "routed")]
+    assert [n for n, _ in base.named_parameters()] == names  # LoRA layers and PERFT adapters gone
+    with torch.no_grad():
+        assert torch.equal(base(input_ids=IDS).logits, expected)
