@@ -125,7 +125,7 @@ def plot_accuracy_vs_parameters(results: list[MethodResult], path: Path) -> Path
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7.5, 4.5), dpi=110)
+    fig, ax = plt.subplots(figsize=(10, 4.5), dpi=110)
     markers = "osD^vP*Xhp<>"
     for i, (name, runs) in enumerate(_by_method(results).items()):
         mean, sd = _mean_sd([100 * r.accuracy["average"] for r in runs])
@@ -136,7 +136,7 @@ def plot_accuracy_vs_parameters(results: list[MethodResult], path: Path) -> Path
     ax.set_ylabel("average accuracy, % (mean ± sd over seeds)")
     ax.set_title("Fine-tuning methods on the embedded tiny OLMoE")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7, loc="best")
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
