@@ -203,6 +203,17 @@ def test_built_model_starts_as_the_base_and_bad_settings_are_refused(train_works
         model = get_method("esft-token").build(load_base_model(str(train_workspace["model"])), cfg).eval()
     with torch.no_grad():
         assert torch.equal(model(input_ids=ids).logits, expected)
+    from perft.cli import build_parser
+    from perft.training.modeling import parameter_counts
+
+    trainable, total = parameter_counts(model)
+    assert total == sum(p.numel() for p in base.parameters())  # the aliasing rows are not counted twice
+    assert (trainable, total) == get_method("esft-token").parameter_count(model)
+    from perft.cli.train import config_from_args
+
+    args = build_parser().parse_args(["train", "--model", "m", "--data", "d", "--output", "o", "--method",
+                                      "esft-gate", "--esft-top-p", "0.35", "--esft-sample-tokens", "123"])
+    assert (config_from_args(args).esft_top_p, config_from_args(args).esft_sample_tokens) == (0.35, 123)
     for bad, match in (({"esft_top_p": 0.0}, "esft_top_p"), ({"esft_top_p": 1.5}, "esft_top_p"),
                        ({"esft_sample_tokens": 0}, "esft_sample_tokens"), ({"strategy": "fsdp"}, "FSDP")):
         with pytest.raises(PerftError, match=match):
