@@ -237,3 +237,19 @@ def test_analyze_takes_the_esft_adapter_and_restores_the_base(train_workspace, t
     base_layers, esft_layers = out["runs"][0]["layers"], out["runs"][1]["layers"]
     assert base_layers.keys() == esft_layers.keys()
     assert base_layers != esft_layers  # trained experts change the hidden states later routers see
+
+
+def test_gradient_checkpointing_gives_the_same_steps(train_workspace, tmp_path):
+    """The rows are written once per forward of the experts module, recomputation included."""
+    from perft.training import train
+
+    losses = {}
+    for checkpointing in (False, True):
+        seen: list[float] = []
+        with one_thread():
+            train(config(train_workspace, tmp_path / str(checkpointing), method="esft-token", esft_sample_tokens=300,
+                         max_steps=3, val_set_size=0, save_steps=3, dropout=0.0, warmup_steps=0, micro_batch_size=4,
+                         gradient_checkpointing=checkpointing), callbacks=[lambda info, s=seen: s.append(info["loss"])])
+        losses[checkpointing] = seen
+    assert len(losses[True]) == 3 and losses[True] == losses[False]
+    assert losses[False][2] < losses[False][0]
