@@ -253,3 +253,13 @@ def test_gradient_checkpointing_gives_the_same_steps(train_workspace, tmp_path):
         losses[checkpointing] = seen
     assert len(losses[True]) == 3 and losses[True] == losses[False]
     assert losses[False][2] < losses[False][0]
+
+
+def test_eval_and_analyze_pre_check_accept_its_base_and_refuse_another(train_workspace, trained):
+    from perft.methods import check_adapter_matches
+    from perft.tiny import default_base_model_path
+
+    _, result = trained
+    assert check_adapter_matches(train_workspace["model"], result.adapter_dir) is get_method("esft-gate")
+    with pytest.raises(PerftError, match="hidden_size=32.*hidden_size=128"):
+        check_adapter_matches(default_base_model_path(), result.adapter_dir)  # the embedded tiny OLMoE, d=128
