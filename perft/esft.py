@@ -170,6 +170,8 @@ class ExpertRows(nn.Module):
         self.register_buffer("index", torch.tensor(self.experts, dtype=torch.long), persistent=False)
         alias = original.detach()
         self.rows = nn.ParameterList([nn.Parameter(alias[e], requires_grad=True) for e in self.experts])
+        for row in self.rows:
+            row.aliases_frozen = True  # counted once in "all parameters" (perft.training.modeling)
         self._current: torch.Tensor | None = None
 
     def forward(self, original: torch.Tensor) -> torch.Tensor:

@@ -96,9 +96,7 @@ def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """(trainable, all) parameters of the model being trained. A trainable parameter that aliases part
     of a frozen one (ESFT's expert rows) counts once in "all"."""
     params = list(model.parameters())
-    frozen = {p.untyped_storage().data_ptr() for p in params if not p.requires_grad and p.device.type != "meta"}
-    aliases = sum(p.numel() for p in params if p.requires_grad and p.device.type != "meta"
-                  and p.untyped_storage().data_ptr() in frozen)
+    aliases = sum(p.numel() for p in params if getattr(p, "aliases_frozen", False))
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) - aliases
 
 
