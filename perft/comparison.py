@@ -29,8 +29,8 @@ ALL_METHODS = (
     Method("PERFT-R (4 experts, top-2, r4) + LoRA q,v (r8)",
            {"method": "perft+lora-attn", "variant": "routed", "num_experts": 4, "top_k": 2, "rank": 4,
             "lora_attn_rank": 8}),
-    Method("ESFT-gate (top-p 0.2)", {"method": "esft-gate", "esft_top_p": 0.2, "lr": 2e-4}),
-    Method("ESFT-token (top-p 0.2)", {"method": "esft-token", "esft_top_p": 0.2, "lr": 2e-4}),
+    Method("ESFT-gate (top-p 0.2)", {"method": "esft-gate", "esft_top_p": 0.2}),
+    Method("ESFT-token (top-p 0.2)", {"method": "esft-token", "esft_top_p": 0.2}),
 )
 GENERATED_START = "<!-- perft demo --all-variants: generated from here -->"
 GENERATED_END = "<!-- perft demo --all-variants: generated up to here -->"
