@@ -3,9 +3,7 @@
 Evaluates the frozen base on the shipped suites, fine-tunes PERFT-R on each suite's train
 split (one adapter per suite, as the paper trains one on Commonsense170K and one on
 Math50K), evaluates each on its suite's test split and prints the comparison;
-`--all-variants` runs the paper's comparison in miniature (PERFT-R at several N/K, PERFT-E,
-PERFT-D, PERFT-S and LoRA on attention through PEFT, at similar trainable budgets, over
-several seeds) and writes it as a markdown table.
+`--all-variants` runs every method side by side over several seeds (perft/comparison.py).
 """
 
 from __future__ import annotations
@@ -13,7 +11,7 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,17 +29,8 @@ class Method:
     settings: dict[str, Any]
 
 
-# The default PERFT-R of the demo, and the comparison grid at similar trainable budgets on the
-# tiny model (d = hidden size): R(N, K, r) costs N(2dr + d) per layer, D N*2dr, S 2dr, E E*2dr.
+# The default PERFT-R of the demo (the comparison grid of --all-variants is perft.comparison.ALL_METHODS).
 DEFAULT_METHOD = Method("PERFT-R (4 experts, top-2, r8)", {"variant": "routed", "num_experts": 4, "top_k": 2, "rank": 8})
-ALL_METHODS = (
-    DEFAULT_METHOD,
-    Method("PERFT-R (8 experts, top-2, r4)", {"variant": "routed", "num_experts": 8, "top_k": 2, "rank": 4}),
-    Method("PERFT-E (8 base experts, r4)", {"variant": "embedded", "rank": 4}),
-    Method("PERFT-D (4 experts, r8)", {"variant": "dense", "num_experts": 4, "rank": 8}),
-    Method("PERFT-S (r32)", {"variant": "single", "rank": 32}),
-    Method("LoRA q,v (PEFT, r16)", {"method": "lora-attn", "rank": 16}),
-)
 
 
 @dataclass
@@ -73,9 +62,62 @@ class MethodResult:
     accuracy: dict[str, float]  # per task, plus "average"
     trainable: int  # of one adapter (each suite gets its own)
     total: int
-    seconds: float
+    seconds: float  # training and evaluation, both suites
     adapter_dirs: dict[str, str] = field(default_factory=dict)  # per task
     history: dict[str, list[dict[str, Any]]] = field(default_factory=dict)  # per task
+    train_seconds: float = 0.0  # training only, both suites
+    peak_memory_mib: float = 0.0  # peak while training (CUDA: allocated; CPU: process RSS), max over suites
+
+
+class PeakMemory:
+    """Peak memory inside `with PeakMemory() as peak:` (`peak.mib`): on CUDA torch's peak allocation;
+    on a CPU the process's resident set, sampled every 10 ms (it includes the frozen base model)."""
+
+    def __init__(self, interval: float = 0.01) -> None:
+        self.interval, self.mib = interval, 0.0
+        self._stop: Any = None
+
+    @staticmethod
+    def rss_mib() -> float:
+        try:
+            with open("/proc/self/statm", encoding="ascii") as f:
+                pages = int(f.read().split()[1])
+        except (OSError, ValueError, IndexError):
+            import resource
+
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB (a lifetime peak)
+        import os
+
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    def __enter__(self) -> PeakMemory:
+        import threading
+
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+            return self
+        self._stop = threading.Event()
+        self.mib = self.rss_mib()
+
+        def sample() -> None:
+            while not self._stop.wait(self.interval):
+                self.mib = max(self.mib, self.rss_mib())
+
+        self._thread = threading.Thread(target=sample, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import torch
+
+        if self._stop is None:
+            self.mib = torch.cuda.max_memory_allocated() / 2**20
+            return
+        self._stop.set()
+        self._thread.join()
+        self.mib = max(self.mib, self.rss_mib())
 
 
 # ---------------------------------------------------------------------------- pieces
@@ -111,7 +153,7 @@ def with_average(scores: dict[str, float]) -> dict[str, float]:
 
 
 def training_config(method: Method, base: Path, train_file: Path, output: Path, cfg: DemoConfig, seed: int) -> Any:
-    """The `TrainingConfig` of one method on one suite (`train` validates it; `_start` checks it early)."""
+    """The `TrainingConfig` of one method on one suite (`train` validates it; `start_demo` checks it early)."""
     from perft.training.args import TrainingConfig
 
     settings: dict[str, Any] = {
@@ -141,8 +183,13 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
     scores: dict[str, float] = {}
     adapters: dict[str, str] = {}
     histories: dict[str, list[dict[str, Any]]] = {}
+    train_seconds, peak = 0.0, 0.0
     for task in DEMO_TASKS:
-        result = train_method(method, base, tasks / task / "train.json", out / task, cfg, seed)
+        started = time.perf_counter()
+        with PeakMemory() as memory:
+            result = train_method(method, base, tasks / task / "train.json", out / task, cfg, seed)
+        train_seconds += time.perf_counter() - started
+        peak = max(peak, memory.mib)
         if result.adapter_dir is None:
             raise PerftError(f"training {method.name} on {task} ended without an adapter ({result.status})")
         model = _load_adapted(base, Path(result.adapter_dir), cfg)
@@ -150,7 +197,7 @@ def run_method(method: Method, base: Path, tasks: Path, out: Path, cfg: DemoConf
         scores.update(evaluate(model, tokenizer, tasks, out / task / "eval", cfg, tasks=(task,)))
         adapters[task], histories[task] = str(result.adapter_dir), list(result.history)
     return MethodResult(method.name, seed, with_average(scores), trainable, total, time.perf_counter() - start,
-                        adapters, histories)
+                        adapters, histories, train_seconds, peak)
 
 
 def _load_adapted(base: Path, adapter: Path, cfg: DemoConfig) -> Any:
@@ -168,7 +215,7 @@ def _count_parameters(model: Any, method: Method) -> tuple[int, int]:
 
 
 # ---------------------------------------------------------------------------- the demo
-def _start(cfg: DemoConfig, methods: tuple[Method, ...]) -> tuple[Path, Path, Any, dict[str, float]]:
+def start_demo(cfg: DemoConfig, methods: tuple[Method, ...]) -> tuple[Path, Path, Any, dict[str, float]]:
     """What every demo run begins with: threads, inputs and settings checked, tokenizer, and the
     frozen base's scores. Settings are checked before the base is evaluated, so a bad one fails at once."""
     import torch
@@ -193,7 +240,7 @@ def run_demo(cfg: DemoConfig) -> dict[str, Any]:
     """Base vs PERFT-R on both suites; writes table, loss curve and routing picture under cfg.output."""
     out = Path(cfg.output)
     started = time.perf_counter()
-    base, tasks, tokenizer, base_scores = _start(cfg, (DEFAULT_METHOD,))
+    base, tasks, tokenizer, base_scores = start_demo(cfg, (DEFAULT_METHOD,))
     base_seconds = time.perf_counter() - started
     tuned = run_method(DEFAULT_METHOD, base, tasks, out / "perft-r", cfg, cfg.seed)
 
@@ -290,81 +337,3 @@ def plot_routing(base: Path, tokenizer: Any, tasks: Path, adapters: dict[str, st
     atomic_write_text(out / "routing.json", json.dumps(results, indent=1, default=str) + "\n")
     return plot_utilisation({"runs": [run for r in results.values() for run in r["runs"]]}, out / "routing.png")
 
-
-# ---------------------------------------------------------------------------- all variants
-def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), results_file: str | None = None,
-                     methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
-    """The paper's comparison in miniature; writes a markdown table (mean ± spread over seeds)."""
-    out = Path(cfg.output)
-    base, tasks, _, base_scores = _start(cfg, methods)
-    results: list[MethodResult] = []
-    for method in methods:
-        for seed in seeds:
-            slug = method.name.split(" (")[0].replace(" ", "").replace(",", "").lower()
-            run_dir = out / f"{slug}-{len(results) // len(seeds)}-seed{seed}"
-            print(f"perft demo --all-variants: {method.name}, seed {seed}")
-            results.append(run_method(method, base, tasks, run_dir, cfg, seed))
-            atomic_write_text(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1, default=str))
-    table = format_results_markdown(base_scores, results, cfg, seeds)
-    print("\n" + table)
-    if results_file:
-        atomic_write_text(Path(results_file), table + "\n")
-    return results
-
-
-def format_results_markdown(base: dict[str, float], results: list[MethodResult], cfg: DemoConfig,
-                            seeds: tuple[int, ...]) -> str:
-    columns = (*DEMO_TASKS, "average")
-    lines = [
-        "# PERFT variants on the embedded tiny OLMoE",
-        "",
-        f"Regenerate with `{regenerate_command(cfg, seeds)}` "
-        f"(seeds {', '.join(map(str, seeds))}; {_budget(cfg)}, lr {cfg.lr:g}, batch {cfg.batch_size}, "
-        "one adapter per suite, fine-tuned on that suite's train split; greedy generation, the paper's "
-        "prompts and answer extraction). Accuracy in %, mean ± standard deviation over seeds; trainable "
-        "parameters of one adapter; time is training plus evaluation of both adapters.",
-        "",
-        "| method | trainable params | trainable % | " + " | ".join(columns) + " | train+eval s |",
-        "|---|---:|---:|" + "---:|" * len(columns) + "---:|",
-        "| frozen base | 0 | 0 | " + " | ".join(f"{100 * base[c]:.1f}" for c in columns) + " | |",
-    ]
-    by_method: dict[str, list[MethodResult]] = {}
-    for r in results:
-        by_method.setdefault(r.method, []).append(r)
-    for name, runs in by_method.items():
-        cells = []
-        for c in columns:
-            values = [100 * r.accuracy[c] for r in runs]
-            spread = statistics.stdev(values) if len(values) > 1 else 0.0
-            cells.append(f"{statistics.mean(values):.1f} ± {spread:.1f}")
-        first = runs[0]
-        seconds = statistics.mean(r.seconds for r in runs)
-        lines.append(f"| {name} | {first.trainable:,d} | {100 * first.trainable / first.total:.2f} | "
-                     + " | ".join(cells) + f" | {seconds:.0f} |")
-    return "\n".join(lines)
-
-
-def _budget(cfg: DemoConfig) -> str:
-    steps = f"{cfg.max_steps} optimiser steps" if cfg.max_steps else f"{cfg.epochs:g} epochs"
-    samples = f", first {cfg.max_eval_samples} test items per task" if cfg.max_eval_samples else ""
-    return steps + samples
-
-
-def regenerate_command(cfg: DemoConfig, seeds: tuple[int, ...]) -> str:
-    parts = ["perft demo --all-variants", f"--seeds {','.join(map(str, seeds))}"]
-    if cfg.max_steps:
-        parts.append(f"--max-steps {cfg.max_steps}")
-    if cfg.max_eval_samples:
-        parts.append(f"--max-eval-samples {cfg.max_eval_samples}")
-    if cfg.threads:
-        parts.append(f"--threads {cfg.threads}")
-    quant = cfg.base_quantization
-    parts += ["--load-in-4bit"] * bool(quant.get("load_in_4bit")) + ["--load-in-8bit"] * bool(quant.get("load_in_8bit"))
-    if quant.get("load_in_4bit") and quant.get("bnb_4bit_quant_type", "nf4") != "nf4":
-        parts.append(f"--bnb-4bit-quant-type {quant['bnb_4bit_quant_type']}")
-    parts.append("--results docs/results-tiny.md")
-    return " ".join(parts)
-
-
-def with_overrides(cfg: DemoConfig, **changes: Any) -> DemoConfig:
-    return replace(cfg, **{k: v for k, v in changes.items() if v is not None})

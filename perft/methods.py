@@ -69,6 +69,10 @@ class Method:
     def check_compatible(self, directory: Path, base_config: dict[str, Any], model: str) -> None:
         """Before loading the base `model`: refuse an adapter made for another base (`config.json` as a dict)."""
 
+    def unload(self, model: nn.Module) -> nn.Module:
+        """Undo `load`: the base model as it was before (`perft analyze` attaches adapters in turn)."""
+        raise PerftError(f"a {self.name} adapter cannot be detached from its base model; load a fresh base instead")
+
     # ------------------------------------------------------------------ tensors
     def adapter_state(self, model: nn.Module) -> dict[str, torch.Tensor]:
         """The trained tensors, as saved (by default: every parameter that requires a gradient)."""
@@ -121,8 +125,9 @@ def get_method(name: str) -> Method:
 
 
 def method_of(model: nn.Module) -> Method:
-    """The method that built `model`."""
-    for method in _METHODS.values():
+    """The method that built `model` (the latest registration first: a hybrid that wraps a PERFT model
+    is its own method; PERFT is asked last)."""
+    for method in reversed(_METHODS.values()):
         if method.owns(model):
             return method
     raise PerftError(f"{type(model).__name__} was not built by any registered method ({', '.join(_METHODS)})")
@@ -231,6 +236,9 @@ class Perft(Method):
     def save(self, model: nn.Module, directory: Path) -> None:
         model.save_pretrained(directory)
 
+    def unload(self, model: nn.Module) -> nn.Module:
+        return model.unload()
+
 
 # ---------------------------------------------------------------------------- PEFT LoRA baselines
 class PeftLora(Method):
@@ -333,3 +341,8 @@ def _is_peft_adapter(directory: Path) -> bool:
 
 def _lora_target(config: Any) -> str:
     return "experts" if getattr(config, "target_parameters", None) else "attention"
+
+
+# Methods defined in their own modules register on import (they import this module's Method).
+from perft import esft as _esft  # noqa: E402,F401
+from perft import hybrid as _hybrid  # noqa: E402,F401

@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from perft.demo import DEMO_TASKS, DemoConfig, Method, plot_loss_curve, run_all_variants, run_demo
+from perft.comparison import ALL_METHODS, GENERATED_END, GENERATED_START, run_all_variants
+from perft.demo import DEMO_TASKS, DemoConfig, Method, plot_loss_curve, run_demo
 from perft.errors import PerftError
 from perft.testing import save_tiny_model, save_tiny_tokenizer
 
@@ -69,12 +70,27 @@ def test_all_variants_writes_the_markdown_table(setup, tmp_path):
     methods = (Method("PERFT-S (r4)", {"variant": "single", "rank": 4}),
                Method("LoRA q,v (PEFT, r2)", {"method": "lora-attn", "rank": 2}))
     results_file = tmp_path / "results.md"
+    results_file.write_text(f"notes above\n{GENERATED_START}\nold table\n{GENERATED_END}\nnotes below\n")
     results = run_all_variants(small(setup, tmp_path), seeds=(0, 1), results_file=str(results_file),
                                methods=methods)
     assert len(results) == 4
     text = results_file.read_text()
     assert "| frozen base |" in text and "| PERFT-S (r4) |" in text and "| LoRA q,v (PEFT, r2) |" in text
-    assert " ± " in text
+    assert " ± " in text and "old table" not in text
+    assert text.startswith("notes above\n") and text.endswith("notes below\n")  # hand-written notes survive
+    assert "](img/results.png)" in text and (tmp_path / "img" / "results.png").stat().st_size > 0
+    row = next(line for line in text.splitlines() if line.startswith("| PERFT-S (r4) |")).split(" | ")
+    assert row[1] == f"{2 * 2 * 4 * 32:,d}"  # 2dr per layer, d=32, 2 layers ... of the tiny test model
+    assert all(r.train_seconds > 0 and r.peak_memory_mib > 0 for r in results)
+
+
+def test_every_registered_method_is_in_the_comparison():
+    from perft.methods import method_names
+
+    compared = {m.settings.get("method", "perft") for m in ALL_METHODS}
+    assert compared == set(method_names())
+    variants = {m.settings.get("variant") for m in ALL_METHODS if m.settings.get("method", "perft") == "perft"}
+    assert variants == {"routed", "embedded", "dense", "single"}
 
 
 def test_missing_task_files_are_named(setup, tmp_path):

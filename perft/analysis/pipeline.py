@@ -65,11 +65,18 @@ class AnalysisOptions:
             raise PerftError(f"--seed must be in [0, 2**32 - 1], got {self.seed}")
 
 
-def check_adapter_dir(path: str | Path) -> PerftConfig:
-    """A readable PERFT adapter directory (config + weights), or a PerftError naming the problem."""
+def check_adapter_dir(path: str | Path) -> PerftConfig | None:
+    """A readable adapter directory (config + weights), or a PerftError naming the problem. Returns the
+    PERFT config, or None for another registered method's adapter (ESFT, ...)."""
+    from perft.methods import Perft, method_for_adapter
+
     directory = Path(path)
     if not directory.is_dir():
         raise PerftError(f"adapter directory {directory} does not exist")
+    if not isinstance(method_for_adapter(directory), Perft):  # ESFT, ...: no PERFT config
+        if not (directory / WEIGHTS_NAME).is_file():
+            raise PerftError(f"no {WEIGHTS_NAME} in {directory}: the adapter was not saved completely")
+        return None
     config = PerftConfig.load(directory)
     if not (directory / WEIGHTS_NAME).is_file():
         raise PerftError(f"no {WEIGHTS_NAME} in {directory}: the adapter was not saved completely")
@@ -103,6 +110,7 @@ def analyze(
 
     `base_model` must carry no adapters; each adapter is attached and removed in turn.
     """
+    from perft.methods import get_method, method_for_adapter
     from perft.model import PerftModel
 
     options = dataclasses.replace(options or AnalysisOptions())
@@ -129,8 +137,11 @@ def analyze(
     num_tokens = 0
     for name, adapter, config in plan:
         model: nn.Module = base_model
-        if adapter is not None:
+        method = method_for_adapter(adapter) if adapter is not None else None
+        if adapter is not None and method is get_method("perft"):
             model = PerftModel.from_pretrained(base_model, adapter)
+        elif adapter is not None and method is not None:
+            model = method.load(base_model, adapter)  # another method (ESFT, a hybrid): detached again below
         try:
             recorder = RoutingRecorder(model, layers=options.layers, num_groups=len(data.group_names))
             batches = data.batches(tokenizer, batch_size=options.batch_size, max_length=options.max_length)
@@ -138,14 +149,15 @@ def analyze(
                          description=f"routing {name}")
             layers = recorder.layer_stats(data.group_names)
             num_tokens = next(iter(layers.values()))["base"]["tokens"]
-            if adapter is not None and options.projection is not None:
+            if hasattr(model, "perft_layers") and options.projection is not None:
                 vectors.append(adapter_vectors(model, name, detail))
         finally:
-            if adapter is not None:
-                model.unload()  # type: ignore[operator]
+            if method is not None:
+                method.unload(model)
         runs.append({
             "name": name,
             "adapter": str(adapter) if adapter is not None else None,
+            "method": method.name if method is not None else None,
             "variant": config.variant if config else None,
             "config": _config_facts(config),
             "layers": layers,

@@ -29,7 +29,7 @@ def register(subparsers: Any) -> None:
     )
     parser.add_argument("--model", required=True, help="base model: a local folder or a hub name")
     parser.add_argument("--adapter", action="append", default=[], metavar="DIR",
-                        help="PERFT adapter folder or `perft train` run folder (its adapter/); repeat to compare runs side by side (none: the base model)")
+                        help="adapter folder (PERFT, ESFT, a hybrid, ...) or `perft train` run folder (its adapter/); repeat to compare runs side by side (none: the base model)")
     parser.add_argument("--data", required=True, help="LLM-Adapters JSON records (instruction, input, output)")
     parser.add_argument("--output", required=True, help="output folder (analysis.json, figures/, report.html)")
     parser.add_argument("--overwrite-output-dir", action="store_true",

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from perft.demo import DemoConfig, run_all_variants, run_demo
+from perft.comparison import run_all_variants
+from perft.demo import DemoConfig, run_demo
 from perft.quantization import add_quantization_arguments, quantization_kwargs
 
 
@@ -15,7 +16,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         description="Evaluate the frozen embedded tiny OLMoE on the shipped suites, fine-tune one PERFT-R "
         "adapter per suite, evaluate each on its suite, print the table and write a loss curve and a "
         "routing picture. "
-        "--all-variants runs the paper's comparison in miniature over several seeds.",
+        "--all-variants runs every method side by side over several seeds (table + plot).",
     )
     parser.add_argument("--output", default="runs/demo", help="where runs, tables and figures go")
     parser.add_argument("--seed", type=int, default=0)
@@ -26,7 +27,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--threads", type=int, default=1,
                         help="torch CPU threads (default 1: the numbers depend on it; README.md says when "
                         "the table reproduces)")
-    parser.add_argument("--all-variants", action="store_true", help="PERFT-R/E/D/S and LoRA, each over --seeds")
+    parser.add_argument("--all-variants", action="store_true", help="every method (PERFT-R/E/D/S, LoRA q,v and on the "
+                        "experts, ESFT gate/token, the hybrid), each over --seeds")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for --all-variants (comma-separated)")
     parser.add_argument("--results", default=None, help="markdown file for the --all-variants table "
                         "(e.g. docs/results-tiny.md)")

@@ -174,7 +174,8 @@ class TrainingConfig:
     bnb_4bit_quant_type: str = _f("nf4", QUANTIZATION_HELP["bnb_4bit_quant_type"], "data and model",
                                   choices=QUANT_TYPES_4BIT)
     # -- method
-    method: str = _f("perft", "perft, or a PEFT LoRA baseline: lora-attn (q,v) / lora-experts", "method",
+    method: str = _f("perft", "perft, a PEFT LoRA baseline (lora-attn q,v / lora-experts), ESFT (esft-gate / "
+                     "esft-token) or the hybrid perft+lora-attn", "method",
                      choices=_Registered(method_names))
     variant: str = _f("routed", "PERFT variant: routed (R), embedded (E), dense (D), single (S)", "method",
                       choices=_Registered(variant_names))
@@ -199,6 +200,11 @@ class TrainingConfig:
         None, "frozen base router's load-balance loss coefficient (default: the paper's for the base family, "
         "0.02 Mixtral, 0.01 otherwise, where the model has one; 0: off)", "method")
     layers: list[int] | None = _f(None, "MoE layer indices to adapt (default: all)", "method")
+    esft_top_p: float = _f(0.2, "ESFT: per layer, train the fewest experts whose score shares sum to this",
+                           "method")
+    esft_sample_tokens: int = _f(8192, "ESFT: training tokens the frozen base is scored on", "method")
+    lora_attn_rank: int | None = _f(None, "hybrid perft+lora-attn: LoRA rank on attention q,v (default: --rank)",
+                                    "method")
     adapter_dtype: str = _f("float32", "adapter weight dtype", "method",
                             choices=("float32", "bfloat16", "float16", "auto"))
     # -- data
@@ -295,7 +301,7 @@ class TrainingConfig:
         if isinstance(self.bf16, str):
             self.bf16 = self.bf16.lower()
         for name in ("lr", "epochs", "weight_decay", "dropout", "router_aux_loss_coef", "max_grad_norm",
-                     "adam_beta1", "adam_beta2", "adam_epsilon"):
+                     "adam_beta1", "adam_beta2", "adam_epsilon", "esft_top_p"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool):
                 setattr(self, name, float(value))

@@ -96,9 +96,11 @@ def resolve_bf16(setting: str, device: torch.device) -> bool:
 
 
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
-    """(trainable, all) parameters of the model being trained."""
+    """(trainable, all) parameters of the model being trained. A trainable parameter that aliases part
+    of a frozen one (ESFT's expert rows) counts once in "all"."""
     params = list(model.parameters())
-    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    aliases = sum(p.numel() for p in params if getattr(p, "aliases_frozen", False))
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params) - aliases
 
 
 def describe_run(cfg: TrainingConfig, ctx: DistributedContext, data: PreparedData, *, trainable: int, total: int,

@@ -98,7 +98,8 @@ def test_presets_cover_the_paper_and_validate():
     names = {p.stem for p in CONFIGS}
     for model in ("olmoe", "mixtral"):
         for task in ("commonsense", "math"):
-            for method in ("perft-r", "perft-e", "perft-d", "perft-s", "lora"):
+            for method in ("perft-r", "perft-e", "perft-d", "perft-s", "lora", "esft-gate", "esft-token",
+                           "perft-r-lora-attn"):
                 assert f"{model}-{task}-{method}" in names
     for path in CONFIGS:
         cfg = TrainingConfig.from_yaml(path)
@@ -108,14 +109,14 @@ def test_presets_cover_the_paper_and_validate():
         mixtral = path.name.startswith("mixtral")
         coef = 0.02 if mixtral else 0.01
         assert cfg.base_router_aux_loss_coef == coef
-        if cfg.variant == "routed" and cfg.method == "perft":
+        if cfg.variant == "routed" and cfg.method in ("perft", "perft+lora-attn"):
             assert cfg.router_aux_loss_coef == coef
         else:  # no adapter router: left unset (it would take the family's default, unused)
             assert cfg.router_aux_loss_coef is None
         assert (cfg.cutoff_len, cfg.val_set_size, cfg.split_seed, cfg.train_on_inputs) == (256, 120, 42, True)
         assert (cfg.warmup_steps, cfg.weight_decay, cfg.max_grad_norm, cfg.lr_scheduler) == (100, 0.0, 1.0, "linear")
         assert (cfg.epochs, cfg.batch_size, cfg.eval_steps, cfg.save_steps, cfg.save_total_limit) == (3, 16, 80, 80, 3)
-        assert cfg.load_best_at_end and cfg.alpha == 2 * cfg.rank
+        assert cfg.load_best_at_end and (cfg.alpha == 2 * cfg.rank or cfg.method.startswith("esft"))
         if cfg.method == "lora-attn" and not mixtral:
             assert cfg.lr == (2e-5 if "commonsense" in path.name else 1e-5)
         else:
