@@ -28,9 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import full_model  # noqa: E402
 import measure  # noqa: E402
 import models  # noqa: E402
-import full_model  # noqa: E402
 
 # bf16 keeps 8 bits of mantissa: a loss agrees to ~1e-2 relative; gradients accumulated over
 # a whole model agree in direction (cosine 0.995-0.99998 on a CPU in bf16) far better than element
@@ -95,7 +95,7 @@ def check_correctness(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
-def measure(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
+def time_and_peak(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
     """(median seconds, peak bytes above the start) of `step`."""
     step()  # warm-up (and the optimizer's state)
     sync(device)
@@ -135,7 +135,7 @@ def layer_costs(device: torch.device, small: bool, repeats: int) -> list[dict[st
             for p in model.parameters():
                 p.grad = None
 
-        seconds, peak = measure(step, device, repeats)
+        seconds, peak = time_and_peak(step, device, repeats)
         rows.append({"method": name, "trainable": method.trainable, "step_s": seconds, "peak_bytes": peak})
     return rows
 
@@ -156,7 +156,7 @@ def model_costs(device: torch.device, small: bool, repeats: int, new_tokens: int
     for name in ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv"):
         model, trainable = full_model.build(name, base)
         model.to(device)
-        seconds, peak = measure(full_model.make_step(model, embeds, ids), device, repeats)
+        seconds, peak = time_and_peak(full_model.make_step(model, embeds, ids), device, repeats)
         rows.append({"method": name, "trainable": trainable, "step_s": seconds, "peak_bytes": peak})
         if name == "perft-r":
             model.eval()
