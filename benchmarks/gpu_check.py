@@ -54,13 +54,13 @@ def tiny_loss_and_grads(settings: dict, device: torch.device, dtype: torch.dtype
 
     from perft.testing import tiny_config
     from perft.training.args import TrainingConfig
-    from perft.training.trainer import build_model
+    from perft.methods import get_method
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_config("olmoe", num_experts_per_tok=2))
     cfg = TrainingConfig(**settings, dropout=0.0, rank=4, num_experts=4, top_k=2)
     torch.manual_seed(1)
-    model = build_model(cfg, base)
+    model = get_method(cfg.method).build(base, cfg)
     models.randomize_adapters(model, seed=2)  # a non-zero adapter, so the gradients reach every tensor
     with torch.no_grad():  # PEFT's lora_B starts at zero too
         gen = torch.Generator().manual_seed(3)
