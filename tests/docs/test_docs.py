@@ -196,6 +196,7 @@ def test_doc_blocks_run(doc, tmp_path, monkeypatch):
     if not blocks:
         pytest.skip(f"{doc.name}: no runnable block")
     (tmp_path / "configs").symlink_to(REPO / "configs")
+    (tmp_path / "tests").symlink_to(REPO / "tests")  # e.g. the published configs perft plan reads in README
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     namespace: dict = {"__name__": "__doc_test__"}
