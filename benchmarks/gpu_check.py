@@ -52,9 +52,9 @@ def tiny_loss_and_grads(settings: dict, device: torch.device, dtype: torch.dtype
     """Loss and adapter gradients of one step of the tiny OLMoE with `settings` on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    from perft.methods import get_method
     from perft.testing import tiny_config
     from perft.training.args import TrainingConfig
-    from perft.methods import get_method
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_config("olmoe", num_experts_per_tok=2))
