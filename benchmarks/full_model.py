@@ -5,7 +5,7 @@ copy is ever made), gradient checkpointing on, one micro-batch of `--seq-len` to
 
   step time   forward + backward (+ AdamW step for the adapters) of each method, against the
               frozen base's own forward + backward (gradients to the input embeddings only);
-              interleaved rounds, median (see common.interleaved)
+              interleaved rounds, median (see measure.interleaved)
   peak memory weights + adapters + the step's peak (resident memory sampled during the warm-up
               round, or the torch profiler), against the base's weights; the planner's estimate beside it
   generation  greedy tokens/s, batch 1, KV cache
@@ -33,7 +33,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
 
 # The paper's OLMoE presets (configs/olmoe-commonsense-*.yaml); LoRA q,v at rank 16.
 METHODS: dict[str, dict[str, Any]] = {
@@ -97,15 +98,16 @@ def training_config(name: str) -> Any:
 
 def build(name: str, base: torch.nn.Module) -> tuple[torch.nn.Module, int]:
     """`name` on a weight-sharing copy of the frozen base; (model, trainable count)."""
-    from perft.training.trainer import build_model
+    from perft.methods import get_method
 
-    model = common.share_weights_copy(base)
+    model = models.share_weights_copy(base)
     if name != "base":
         torch.manual_seed(1)
-        model = build_model(training_config(name), model)
-        common.randomize_adapters(model, seed=2)
+        cfg = training_config(name)
+        model = get_method(cfg.method).build(model, cfg)
+        models.randomize_adapters(model, seed=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, common.count_trainable(model)
+    return model, models.count_trainable(model)
 
 
 def make_step(model: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -138,7 +140,7 @@ def planner_figures(cfg: Any, name: str, seq_len: int) -> dict[str, int]:
 def peak_rss_above_start(fn: Any, interval: float = 0.005) -> int:
     """Peak resident memory during `fn` above its value at the start, sampled every `interval` s.
 
-    The profiler's per-allocation trace (common.peak_step_bytes) takes many minutes on a
+    The profiler's per-allocation trace (measure.peak_step_bytes) takes many minutes on a
     7B-parameter step; large tensors are mmap-ed and handed back to the OS when freed, so
     resident memory follows the step's tensors closely enough at this size.
     """
@@ -179,25 +181,25 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
     ids = torch.randint(3, cfg.vocab_size, (1, args.seq_len), generator=gen)
     with torch.no_grad():
         embeds = base.get_input_embeddings()(ids)
-    models, steps, rows = {}, {}, {}
+    built, steps, rows = {}, {}, {}
     for name in args.methods:
-        models[name], trainable = build(name, base)
-        steps[name] = make_step(models[name], embeds, ids)
+        built[name], trainable = build(name, base)
+        steps[name] = make_step(built[name], embeds, ids)
         rows[name] = {"trainable": trainable, "planner": planner_figures(cfg, name, args.seq_len)}
     peaks: dict[str, int] = {}
 
     def warm(name: str, _round: int) -> None:
         if args.memory == "profiler":
-            peaks[name] = common.peak_step_bytes(steps[name])
+            peaks[name] = measure.peak_step_bytes(steps[name])
         elif args.memory == "rss":
             peaks[name] = peak_rss_above_start(steps[name])
         else:
             steps[name]()
             peaks[name] = 0
 
-    times = common.interleaved(steps, warmup=1, repeats=args.repeats, on_warmup=warm)
+    times = measure.interleaved(steps, warmup=1, repeats=args.repeats, on_warmup=warm)
     prompt = torch.randint(3, cfg.vocab_size, (1, args.prompt), generator=gen)
-    for name, model in models.items():
+    for name, model in built.items():
         model.eval()
         model.config.use_cache = True
         with torch.no_grad():
@@ -206,7 +208,7 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
                                  max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, pad_token_id=0)
             elapsed = time.perf_counter() - start
         rows[name].update(
-            step_cpu=common.median(times["cpu"][name]), step_wall=common.median(times["wall"][name]),
+            step_cpu=measure.median(times["cpu"][name]), step_wall=measure.median(times["wall"][name]),
             peak_step=peaks[name], adapter_bytes=sum(p.numel() * p.element_size() for p in model.parameters()
                                                      if p.requires_grad),
             generated=int(out.shape[1] - prompt.shape[1]), tokens_per_s=(out.shape[1] - prompt.shape[1]) / elapsed)
@@ -230,14 +232,14 @@ def render(result: dict[str, Any]) -> str:
         plan = r["planner"]
         table.append([
             name, f"{r['trainable']:,}", f"{plan['trainable']:,}" if name != "base" else "-",
-            f"{r['step_cpu']:.2f} s", common.fmt_ratio(r["step_cpu"], base.get("step_cpu", float("nan"))),
+            f"{r['step_cpu']:.2f} s", measure.fmt_ratio(r["step_cpu"], base.get("step_cpu", float("nan"))),
             _size(r["peak_step"]), _size(plan["activations_ckpt"]),
             _size(held), f"{held / weights:.3f}x", _size(plan["total_ckpt"]),
-            f"{r['tokens_per_s']:.2f}", common.fmt_ratio(r["tokens_per_s"], base.get("tokens_per_s", float("nan"))),
+            f"{r['tokens_per_s']:.2f}", measure.fmt_ratio(r["tokens_per_s"], base.get("tokens_per_s", float("nan"))),
         ])
     header = ["method", "trainable", "planner trainable", "step (CPU)", "/ base", "step peak",
               "planner activations", "held", "/ weights", "planner total", "gen tok/s", "/ base"]
-    return (f"### {result['description']}\n\n{common.markdown_table(header, table)}\n\n"
+    return (f"### {result['description']}\n\n{measure.markdown_table(header, table)}\n\n"
             f"seq {result['seq_len']} tokens, micro-batch 1, gradient checkpointing; base weights "
             f"{_size(weights)}; process peak RSS {_size(result['max_rss'])}\n")
 
@@ -268,7 +270,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    return common.run_benchmark("full_model.py", "full-size models, bf16, random weights", args, argv, run_group,
+    return measure.run_benchmark("full_model.py", "full-size models, bf16, random weights", args, argv, run_group,
                                 render)
 
 

@@ -28,8 +28,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import common  # noqa: E402
 import full_model  # noqa: E402
+import measure  # noqa: E402
+import models  # noqa: E402
 
 # bf16 keeps 8 bits of mantissa: a loss agrees to ~1e-2 relative; gradients accumulated over
 # a whole model agree in direction (cosine 0.995-0.99998 on a CPU in bf16) far better than element
@@ -51,16 +52,16 @@ def tiny_loss_and_grads(settings: dict, device: torch.device, dtype: torch.dtype
     """Loss and adapter gradients of one step of the tiny OLMoE with `settings` on `device` in `dtype`."""
     from transformers import AutoModelForCausalLM
 
+    from perft.methods import get_method
     from perft.testing import tiny_config
     from perft.training.args import TrainingConfig
-    from perft.training.trainer import build_model
 
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_config(tiny_config("olmoe", num_experts_per_tok=2))
     cfg = TrainingConfig(**settings, dropout=0.0, rank=4, num_experts=4, top_k=2)
     torch.manual_seed(1)
-    model = build_model(cfg, base)
-    common.randomize_adapters(model, seed=2)  # a non-zero adapter, so the gradients reach every tensor
+    model = get_method(cfg.method).build(base, cfg)
+    models.randomize_adapters(model, seed=2)  # a non-zero adapter, so the gradients reach every tensor
     with torch.no_grad():  # PEFT's lora_B starts at zero too
         gen = torch.Generator().manual_seed(3)
         for name, p in model.named_parameters():
@@ -94,7 +95,7 @@ def check_correctness(device: torch.device) -> list[dict[str, Any]]:
     return rows
 
 
-def measure(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
+def time_and_peak(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
     """(median seconds, peak bytes above the start) of `step`."""
     step()  # warm-up (and the optimizer's state)
     sync(device)
@@ -105,7 +106,7 @@ def measure(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
         sync(device)
         peak = torch.cuda.max_memory_allocated(device) - start
     else:
-        peak = common.peak_step_bytes(step)
+        peak = measure.peak_step_bytes(step)
     times = []
     for _ in range(repeats):
         sync(device)
@@ -113,19 +114,19 @@ def measure(step: Any, device: torch.device, repeats: int) -> tuple[float, int]:
         step()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return common.median(times), peak
+    return measure.median(times), peak
 
 
 def layer_costs(device: torch.device, small: bool, repeats: int) -> list[dict[str, Any]]:
     """One OLMoE-1B-7B-shaped decoder layer in bf16: step time and peak memory against the frozen base."""
-    base, _ = common.layer_model(quick=small, backend="grouped_mm" if device.type == "cuda" else "eager")
+    base, _ = models.layer_model(quick=small, backend="grouped_mm" if device.type == "cuda" else "eager")
     base = base.to(device=device, dtype=torch.bfloat16).eval()
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(1, 64 if small else 2048, base.config.hidden_size, generator=gen).to(device, torch.bfloat16)
     gy = torch.randn(x.shape, generator=gen).to(device, torch.bfloat16)
     rows = []
     for name in ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv"):
-        method = common.build_method(name, base)
+        method = models.build_method(name, base)
         model = method.model.to(device).train()
 
         def step(model: Any = model) -> None:
@@ -134,7 +135,7 @@ def layer_costs(device: torch.device, small: bool, repeats: int) -> list[dict[st
             for p in model.parameters():
                 p.grad = None
 
-        seconds, peak = measure(step, device, repeats)
+        seconds, peak = time_and_peak(step, device, repeats)
         rows.append({"method": name, "trainable": method.trainable, "step_s": seconds, "peak_bytes": peak})
     return rows
 
@@ -155,7 +156,7 @@ def model_costs(device: torch.device, small: bool, repeats: int, new_tokens: int
     for name in ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv"):
         model, trainable = full_model.build(name, base)
         model.to(device)
-        seconds, peak = measure(full_model.make_step(model, embeds, ids), device, repeats)
+        seconds, peak = time_and_peak(full_model.make_step(model, embeds, ids), device, repeats)
         rows.append({"method": name, "trainable": trainable, "step_s": seconds, "peak_bytes": peak})
         if name == "perft-r":
             model.eval()
@@ -175,12 +176,12 @@ def model_costs(device: torch.device, small: bool, repeats: int, new_tokens: int
 
 def cost_table(rows: list[dict[str, Any]], weights: int | None = None) -> str:
     base = rows[0]
-    table = [[r["method"], f"{r['trainable']:,}", f"{r['step_s'] * 1000:.1f} ms", common.fmt_ratio(r["step_s"], base["step_s"]),
-              f"{r['peak_bytes'] / 2**20:.1f} MiB", common.fmt_ratio(r["peak_bytes"], base["peak_bytes"])]
-             + ([common.fmt_ratio(weights + r["peak_bytes"] + 4 * r["trainable"] * 4, weights)] if weights else [])
+    table = [[r["method"], f"{r['trainable']:,}", f"{r['step_s'] * 1000:.1f} ms", measure.fmt_ratio(r["step_s"], base["step_s"]),
+              f"{r['peak_bytes'] / 2**20:.1f} MiB", measure.fmt_ratio(r["peak_bytes"], base["peak_bytes"])]
+             + ([measure.fmt_ratio(weights + r["peak_bytes"] + 4 * r["trainable"] * 4, weights)] if weights else [])
              for r in rows]
     header = ["method", "trainable", "step", "/ base", "step peak", "/ base"] + (["held / weights"] if weights else [])
-    return common.markdown_table(header, table)
+    return measure.markdown_table(header, table)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"# GPU check on {name} ({device}){' --small' if args.small else ''}; torch {torch.__version__}", flush=True)
     correctness = check_correctness(device)
     print("\n## tiny OLMoE: device bf16 against CPU fp32\n")
-    print(common.markdown_table(
+    print(measure.markdown_table(
         ["method", "loss CPU fp32", "loss device bf16", "loss rel", "grad cosine", "grad norm rel", "ok"],
         [[r["method"], f"{r['loss_cpu_fp32']:.5f}", f"{r['loss_device_bf16']:.5f}", f"{r['loss_rel']:.2e}",
           f"{r['grad_cosine']:.5f}", f"{r['grad_norm_rel']:.2e}", "yes" if r["ok"] else "NO"] for r in correctness]),

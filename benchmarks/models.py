@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import types
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,20 +12,29 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from perft.methods import get_method
+from perft.training import TrainingConfig
+from perft.variants import Gating, Routed, register_variant
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # The PERFT settings benchmarked (the paper's typical ones for OLMoE): LoRA-form adapters,
 # rank 16, alpha 32, no dropout (PEFT's expert LoRA cannot use dropout, so no method does).
+# num_experts/top_k of E and S are not used by those variants (E: the base's experts, S: 1).
+# loop-r is PERFT-R computed by the registered "routed_loop" variant below.
 PERFT_SETTINGS: dict[str, dict[str, Any]] = {
     "perft-r": {"variant": "routed", "num_experts": 8, "top_k": 2, "rank": 16},
-    "perft-e": {"variant": "embedded", "rank": 16},
-    "perft-d": {"variant": "dense", "num_experts": 4, "rank": 16},
-    "perft-s": {"variant": "single", "rank": 16},
+    "perft-e": {"variant": "embedded", "num_experts": 4, "top_k": 2, "rank": 16},
+    "perft-d": {"variant": "dense", "num_experts": 4, "top_k": 2, "rank": 16},
+    "perft-s": {"variant": "single", "num_experts": 4, "top_k": 2, "rank": 16},
+    "loop-r": {"variant": "routed_loop", "num_experts": 8, "top_k": 2, "rank": 16},
 }
+# The benchmark's names of the PEFT LoRA baselines -> the registered method names.
+LORA_METHODS = {"lora-qv": "lora-attn", "lora-experts": "lora-experts"}
 ALL_METHODS = ("base", "perft-r", "perft-e", "perft-d", "perft-s", "lora-qv", "lora-experts", "loop-r")
 # Extra methods, run on request: PERFT with adapter_dtype="auto" (adapters in the base dtype
 # instead of the default fp32), e.g. `perft-e-auto`.
-EXTRA_METHODS = tuple(f"{name}-auto" for name in PERFT_SETTINGS)
+EXTRA_METHODS = tuple(f"{name}-auto" for name in PERFT_SETTINGS if name != "loop-r")
 PERFT_LIKE = ("perft-r", "perft-e", "perft-d", "perft-s", "loop-r", "perft-r-auto", "perft-e-auto", "perft-d-auto",
               "perft-s-auto")
 
@@ -170,12 +178,24 @@ class Method:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
+def perft_training_config(name: str) -> TrainingConfig:
+    """The TrainingConfig of a PERFT method (`perft-r`, `loop-r`, `perft-e-auto`, ...): every adapter
+    field explicit, so a changed training default never changes what is measured."""
+    settings = PERFT_SETTINGS[name.removesuffix("-auto")]
+    return TrainingConfig(
+        method="perft", adapter="lora", alpha=2.0 * settings["rank"], dropout=0.0, init="normal", dropout_at=None,
+        activation="silu", normalize_top_k=None, router_aux_loss_coef=0.0, layers=None,
+        adapter_dtype="auto" if name.endswith("-auto") else "float32", **settings,
+    )
+
+
+def lora_training_config(name: str, rank: int) -> TrainingConfig:
+    """The TrainingConfig of a PEFT LoRA baseline at `rank` (alpha 2 x rank, no dropout)."""
+    return TrainingConfig(method=LORA_METHODS[name], rank=rank, alpha=2.0 * rank, dropout=0.0)
+
+
 def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = None, seed: int = 0) -> Method:
-    """Build `name` (one of ALL_METHODS) on a copy of the frozen `base`."""
-    from peft import LoraConfig, get_peft_model
-
-    from perft import PerftConfig, get_perft_model
-
+    """Build `name` (one of ALL_METHODS) on a copy of the frozen `base`, through the method registry."""
     if "@" in name:  # METHOD@BACKEND: the method on the base run with another experts_implementation
         inner, backend = name.split("@", 1)
         previous = base.config._experts_implementation
@@ -192,39 +212,27 @@ def build_method(name: str, base: nn.Module, *, perft_r_params: int | None = Non
     torch.manual_seed(seed)
     if name == "base":
         return Method(name, model, 0, "frozen; gradients to the inputs only")
-    if name in PERFT_SETTINGS or name == "loop-r" or name in EXTRA_METHODS:
-        key = "perft-r" if name == "loop-r" else name.removesuffix("-auto")
-        settings = PERFT_SETTINGS[key]
-        adapter_dtype = "auto" if name.endswith("-auto") else "float32"
-        cfg = PerftConfig(adapter="lora", alpha=2.0 * settings["rank"], dropout=0.0, adapter_dtype=adapter_dtype,
-                          **settings)
-        wrapped = get_perft_model(model, cfg)
+    if name.removesuffix("-auto") in PERFT_SETTINGS and (name in PERFT_SETTINGS or name in EXTRA_METHODS):
+        cfg = perft_training_config(name)
+        wrapped = get_method("perft").build(model, cfg)
         randomize_adapters(wrapped, seed)
-        layers = wrapped.perft_layers
-        first = next(iter(layers.values()))
-        note = f"N={first.num_experts}, " + (f"top-{cfg.top_k}, " if cfg.variant == "routed" else "") + f"r={cfg.rank}"
+        first = next(iter(wrapped.perft_layers.values()))
+        note = f"N={first.num_experts}, " + (f"top-{cfg.top_k}, " if first.variant_spec.has_router else "")
+        note += f"r={cfg.rank}"
         if cfg.variant == "embedded":
             note = f"N={first.num_experts} (base top-k), r={cfg.rank}"
         if name.endswith("-auto"):
             note += f"; adapters in {str(first.experts.down.dtype).removeprefix('torch.')} (adapter_dtype=auto)"
-        if name == "loop-r":
-            for layer in layers.values():
-                layer.delta = types.MethodType(loop_routed_delta, layer)
+        if cfg.variant == RoutedLoop.name:
             note += "; per-expert Python loop"
         return Method(name, wrapped, count_trainable(wrapped), note)
-    if name == "lora-qv":
-        per_rank = _qv_params_per_rank(model)
-        rank = _lora_rank_for(perft_r_params or per_rank * 16, per_rank)
-        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=["q_proj", "v_proj"])
-        wrapped = get_peft_model(model, cfg)
-        return Method(name, wrapped, count_trainable(wrapped), f"PEFT LoRA q,v r={rank}")
-    if name == "lora-experts":
-        per_rank = _expert_params_per_rank(model)
-        rank = _lora_rank_for(perft_r_params or per_rank, per_rank)
-        cfg = LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules=[],
-                         target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-        wrapped = get_peft_model(model, cfg)
-        return Method(name, wrapped, count_trainable(wrapped), f"PEFT LoRA on fused experts r={rank}")
+    if name in LORA_METHODS:
+        per_rank = _qv_params_per_rank(model) if name == "lora-qv" else _expert_params_per_rank(model)
+        default = per_rank * 16 if name == "lora-qv" else per_rank
+        rank = _lora_rank_for(perft_r_params or default, per_rank)
+        wrapped = get_method(LORA_METHODS[name]).build(model, lora_training_config(name, rank))
+        where = "q,v" if name == "lora-qv" else "on fused experts"
+        return Method(name, wrapped, count_trainable(wrapped), f"PEFT LoRA {where} r={rank}")
     raise ValueError(f"unknown method {name!r}; choose from {ALL_METHODS}")
 
 
@@ -237,21 +245,25 @@ def randomize_adapters(model: nn.Module, seed: int) -> None:
                 p.copy_(torch.randn(p.shape, generator=gen).to(p.dtype) * 0.01)
 
 
-def loop_routed_delta(self: Any, x: torch.Tensor, base_index: Any = None, base_weights: Any = None) -> torch.Tensor:
-    """The reference design of PERFT-R: per adapter expert, index its tokens, compute, `index_add_`.
+@register_variant
+class RoutedLoop(Routed):
+    """PERFT-R's tensors and router, computed as the paper's reference code does: per adapter
+    expert, index its tokens, compute, `index_add_` (the `loop-r` benchmark method)."""
 
-    Bound onto a `PerftLayer` in place of its stacked `delta`; same parameters, same router.
-    """
-    ex = self.experts
-    h = x.to(ex.down.dtype)
-    _, dense, top_index = self.router(h)
-    out = torch.zeros_like(h)
-    for n in range(ex.num_experts):
-        token, _slot = torch.where(top_index == n)
-        if token.numel() == 0:
-            continue
-        mid = F.linear(h[token], ex.down[n])
-        mid = ex.act(mid) if ex.act is not None else mid * ex.scaling
-        y = F.linear(mid, ex.up[n]) * dense[token, n].unsqueeze(-1).to(h.dtype)
-        out.index_add_(0, token, y)
-    return out.to(x.dtype)
+    name = "routed_loop"
+    description = "routed, computed by a per-expert Python loop (benchmarks only)"
+
+    def expert_output(self, layer: Any, x: torch.Tensor, gating: Gating) -> torch.Tensor:
+        ex = layer.experts
+        h = x.to(ex.down.dtype)
+        dense, top_index = gating.dense, gating.index
+        out = torch.zeros_like(h)
+        for n in range(ex.num_experts):
+            token, _slot = torch.where(top_index == n)
+            if token.numel() == 0:
+                continue
+            mid = F.linear(h[token], ex.down[n])
+            mid = ex.act(mid) if ex.act is not None else mid * ex.scaling
+            y = F.linear(mid, ex.up[n]) * dense[token, n].unsqueeze(-1).to(h.dtype)
+            out.index_add_(0, token, y)
+        return out.to(x.dtype)

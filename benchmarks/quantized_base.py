@@ -114,8 +114,17 @@ def model_bytes(model: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
+def perft_r_config() -> Any:
+    """The measured PERFT-R (N=8, top-2, r=16, alpha 32, no dropout), every adapter field explicit."""
+    from perft.training import TrainingConfig
+
+    return TrainingConfig(method="perft", variant="routed", adapter="lora", num_experts=8, top_k=2, rank=16,
+                          alpha=32.0, dropout=0.0, init="normal", dropout_at=None, activation="silu",
+                          normalize_top_k=None, router_aux_loss_coef=0.0, layers=None, adapter_dtype="float32")
+
+
 def child(args: argparse.Namespace) -> dict[str, Any]:
-    from perft import PerftConfig, get_perft_model
+    from perft.methods import get_method
     from perft.quantization import expert_storage_bytes
 
     torch.set_num_threads(args.threads)
@@ -124,7 +133,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     build_s = time.perf_counter() - start
     experts_bytes = expert_storage_bytes(base)
     weights_bytes = model_bytes(base)
-    model = get_perft_model(base, PerftConfig(variant="routed", num_experts=8, top_k=2, rank=16, dropout=0.0))
+    model = get_method("perft").build(base, perft_r_config())
     release_freed_memory()
     rss_built = rss_bytes()
     model.train()

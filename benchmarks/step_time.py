@@ -7,7 +7,8 @@ rotating order), median of repeats after warm-up:
   perft-r/e/d/s PERFT with the paper's typical settings (see models.PERFT_SETTINGS)
   lora-qv       PEFT LoRA on attention q,v at about PERFT-R's trainable-parameter count
   lora-experts  PEFT LoRA on the fused expert tensors (`target_parameters`), same budget
-  loop-r        PERFT-R computed by a per-expert Python loop (index, compute, index_add_)
+  loop-r        PERFT-R computed by a per-expert Python loop (index, compute, index_add_): the
+                routed_loop variant registered in models.py, same tensors and router
 
 Targets: `layer` (one decoder layer with OLMoE-1B-7B's shapes, random weights, a 1-layer
 `OlmoeModel` fed `inputs_embeds`) and `small` (the embedded small model, or the same recipe

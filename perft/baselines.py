@@ -48,16 +48,19 @@ def get_lora_baseline(
     if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
         raise PerftError(f"rank must be an integer >= 1, got {rank!r}")
     alpha = float(2 * rank if alpha is None else alpha)
+    # A causal LM gets PEFT's causal-LM wrapper (generate, labels); a bare decoder stack (the
+    # benchmarks' one-layer OlmoeModel) the plain one, which PEFT's CAUSAL_LM wrapper cannot hold.
+    task_type = "CAUSAL_LM" if hasattr(base, "prepare_inputs_for_generation") else None
     if target == "attention":
         names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules()}
         missing = [m for m in ATTENTION_MODULES if m not in names]
         if missing:
             raise PerftError(f"the model has no {missing} modules for the q,v LoRA baseline; use target='experts'")
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, target_modules=list(ATTENTION_MODULES),
-                            bias="none", task_type="CAUSAL_LM")
+                            bias="none", task_type=task_type)
     else:
         if dropout:
             raise PerftError("LoRA on fused expert tensors (PEFT target_parameters) does not support dropout: use 0")
         config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=[],
-                            target_parameters=expert_parameter_names(base), bias="none", task_type="CAUSAL_LM")
+                            target_parameters=expert_parameter_names(base), bias="none", task_type=task_type)
     return get_peft_model(base, config)

@@ -104,7 +104,7 @@ class PerftLoraAttention(Perft):
                 target.copy_(mine[name].to(device=target.device, dtype=target.dtype))
 
     def save(self, model: nn.Module, directory: Path) -> None:
-        from perft.model import WEIGHTS_NAME
+        from perft.config import WEIGHTS_NAME
 
         directory = Path(directory)
         model.save_pretrained(directory)  # the PERFT config (and its weights, rewritten below with LoRA's)
@@ -115,8 +115,8 @@ class PerftLoraAttention(Perft):
                           json.dumps({"perft_method": self.name, **model.lora_attn_config}, indent=1) + "\n")
 
     def load(self, base: nn.Module, directory: Path) -> nn.Module:
-        from perft.config import PerftConfig
-        from perft.model import WEIGHTS_NAME, get_perft_model
+        from perft.config import WEIGHTS_NAME, PerftConfig
+        from perft.model import get_perft_model
 
         directory = Path(directory)
         try:

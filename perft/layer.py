@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from perft.adapters import AdapterExperts, AdapterRouter, dense_routing_weights
+from perft.adapters import AdapterExperts, AdapterRouter
 from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.config import PerftConfig
 from perft.errors import PerftError
@@ -79,13 +79,7 @@ class PerftLayer(nn.Module):
     def delta(self, x: torch.Tensor, base_index: torch.Tensor | None = None, base_weights: torch.Tensor | None = None) -> torch.Tensor:
         """The adapter output for flat tokens x [T, d] (same dtype as x)."""
         gating = self.variant_spec.gate(self, x, base_index, base_weights)
-        if gating.index is not None and self.experts.prefers_selected(x, gating.index.shape[1]):
-            return self.experts.forward_selected(x, gating.index, gating.weights)  # decoding: only the chosen experts
-        weights = gating.dense
-        if weights is None and gating.index is not None:
-            weights = dense_routing_weights(gating.index, gating.weights, self.num_experts)
-        # The experts cast x to the adapter dtype themselves, so that copy is not kept for backward.
-        return self.experts(x, weights).to(x.dtype)
+        return self.variant_spec.expert_output(self, x, gating)
 
     def mask_for(self, tokens: int) -> torch.Tensor | None:
         """The attention mask of the current tokens, flat, when it covers exactly them."""

@@ -46,6 +46,32 @@ def expert_store_bytes_per_param(bits: int, quant_type: str = "nf4", *, blocksiz
     return 1.0 + (4.0 / row_length if row_length else 0.0)
 
 
+def quantized_store_bytes(shape: tuple[int, ...], bits: int, quant_type: str = "nf4", *,
+                          blocksize: int = BLOCKSIZE) -> int:
+    """Exact bytes of the `QuantizedExpertWeights` store of a fused weight of `shape` [E, rows, cols].
+
+    Per expert, 4-bit: the packed codes (two values a byte) and one fp32 absmax per `blocksize`
+    values, plus the store's 16-entry fp32 code table once; 8-bit: one byte per value and one
+    fp32 scale per row. (`expert_store_bytes_per_param` is the same without the rounding.)
+    """
+    check_quant_settings(bits, quant_type)
+    experts, rows, cols = (int(n) for n in shape)
+    values = rows * cols
+    if bits == 4:
+        return experts * ((values + 1) // 2 + 4 * -(-values // blocksize)) + 16 * 4
+    return experts * (values + 4 * rows)
+
+
+def fused_expert_weights(experts: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The experts module's fused 3-D weights (what `quantize_experts_module` replaces), by name."""
+    found = []
+    for name in FUSED_WEIGHT_NAMES:
+        weight = experts._parameters.get(name)
+        if weight is not None and weight.dim() == 3:
+            found.append((name, weight))
+    return found
+
+
 def check_quant_settings(bits: int, quant_type: str = "nf4") -> None:
     """Refuse settings the store does not implement, naming the ones it does."""
     if bits not in SUPPORTED_BITS:
@@ -231,10 +257,7 @@ def quantize_experts_module(experts: nn.Module, bits: int = 4, quant_type: str =
                             compute_dtype: torch.dtype | None = None, blocksize: int = BLOCKSIZE) -> int:
     """Quantize one fused-experts module's 3-D weights in place; returns how many it quantized."""
     count = 0
-    for name in FUSED_WEIGHT_NAMES:
-        weight = experts._parameters.get(name)
-        if weight is None or weight.dim() != 3:
-            continue
+    for name, weight in fused_expert_weights(experts):
         attach_store(experts, name, QuantizedExpertWeights(weight.data, bits, quant_type, compute_dtype=compute_dtype,
                                                            blocksize=blocksize))
         count += 1

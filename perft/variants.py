@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
-from perft.adapters import switch_balance_terms
+from perft.adapters import dense_routing_weights, switch_balance_terms
 from perft.errors import PerftError
 
 if TYPE_CHECKING:
@@ -53,6 +53,19 @@ class Variant:
              base_weights: torch.Tensor | None) -> Gating:
         """The gating of the layer's experts for flat tokens x [T, d]."""
         return Gating()
+
+    def expert_output(self, layer: PerftLayer, x: torch.Tensor, gating: Gating) -> torch.Tensor:
+        """The adapter output for flat tokens x [T, d] (x's dtype) under `gating`: the stacked
+        products of `layer.experts`, reading only the selected experts when that is cheaper.
+        Override to compute the same experts another way (benchmarks/models.py's per-expert loop)."""
+        experts = layer.experts
+        if gating.index is not None and experts.prefers_selected(x, gating.index.shape[1]):
+            return experts.forward_selected(x, gating.index, gating.weights)  # decoding: only the chosen experts
+        weights = gating.dense
+        if weights is None and gating.index is not None:
+            weights = dense_routing_weights(gating.index, gating.weights, layer.num_experts)
+        # The experts cast x to the adapter dtype themselves, so that copy is not kept for backward.
+        return experts(x, weights).to(x.dtype)
 
 
 _VARIANTS: dict[str, Variant] = {}

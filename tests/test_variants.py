@@ -10,7 +10,7 @@ import torch
 
 from perft import PerftConfig, PerftError, get_perft_model
 from perft.testing import save_tiny_model
-from perft.variants import Gating, Variant, get_variant, register_variant, variant_names
+from perft.variants import Gating, Routed, Variant, get_variant, register_variant, variant_names
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "extending.md"
 
@@ -25,6 +25,16 @@ class FirstHalf(Variant):
         weights = torch.zeros(x.shape[0], layer.num_experts, dtype=layer.experts.down.dtype)
         weights[:, 0] = 1.0
         return Gating(dense=weights)
+
+
+@register_variant
+class DoubledRouted(Routed):
+    """Toy: PERFT-R's gating, its expert output computed the default way and doubled."""
+
+    name = "toy_doubled"
+
+    def expert_output(self, layer, x, gating):
+        return 2 * super().expert_output(layer, x, gating)
 
 
 @pytest.fixture(scope="module")
@@ -50,6 +60,24 @@ def test_a_toy_variant_registered_in_a_test_file_builds_and_trains_one_step(mode
     with torch.no_grad():
         after = model(input_ids=ids).logits
     assert (after - before).abs().max() > 1e-4
+
+
+def test_a_variant_can_compute_its_expert_output_itself(model_dir):
+    """PerftLayer.delta = the variant's gate, then the variant's expert_output (benchmarks' loop-r uses this)."""
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = get_perft_model(AutoModelForCausalLM.from_pretrained(model_dir), PerftConfig(variant="routed", rank=4, dropout=0.0))
+    layer = next(iter(model.perft_layers.values()))
+    with torch.no_grad():
+        layer.experts.up.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(1))
+    x = torch.randn(6, layer.experts.down.shape[-1], generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        stacked = layer.delta(x)
+        layer.variant_spec = get_variant("toy_doubled")
+        doubled = layer.delta(x)
+    assert stacked.abs().max() > 1e-3
+    torch.testing.assert_close(doubled, 2 * stacked)
 
 
 def test_unknown_variant_lists_the_registered_ones():

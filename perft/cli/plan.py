@@ -2,6 +2,7 @@
 
     perft plan --model allenai/OLMoE-1B-7B-0924 --variant routed --num-experts 4 --top-k 2 --rank 16
     perft plan --config configs/mixtral-commonsense-perft-r.yaml --gpus 4 --strategy fsdp
+    perft plan --model DIR --config configs/mixtral-commonsense-perft-r.yaml --load-in-4bit
 
 The method flags are `perft train`'s own (same names, same defaults, a YAML config works too).
 """
@@ -15,7 +16,7 @@ from typing import Any
 
 # The `perft train` settings that change what the plan says.
 PLAN_FIELDS = {"model", "config", "model_dtype", "trust_remote_code", "cutoff_len", "batch_size", "micro_batch_size",
-               "bf16", "strategy"}
+               "bf16", "strategy", "load_in_4bit", "load_in_8bit", "bnb_4bit_quant_type"}
 
 
 def register(subparsers: Any) -> None:

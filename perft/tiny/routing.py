@@ -13,15 +13,11 @@ Per layer, over the (non-padding) tokens of texts grouped by domain:
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 
-
-def _entropy(p: torch.Tensor) -> float:
-    p = p[p > 0]
-    return float(-(p * p.log()).sum())
+from perft.routing.stats import RoutingCounts, mutual_information, normalized_entropy
 
 
 @torch.no_grad()
@@ -47,43 +43,46 @@ def router_logits_for(
 def routing_stats(
     model: torch.nn.Module, tokenizer: Any, texts_by_domain: dict[str, list[str]]
 ) -> dict[str, Any]:
-    """Routing statistics (see the module docstring) as a JSON-ready dict."""
+    """Routing statistics (see the module docstring) as a JSON-ready dict.
+
+    The counting and the formulas are `perft.routing.stats` (one `RoutingCounts` per layer,
+    one group per domain); this function only arranges them per domain.
+    """
     was_training = model.training
     model.eval()
     config = model.config
     num_experts, top_k = int(config.num_experts), int(config.num_experts_per_tok)
     logits = {d: router_logits_for(model, tokenizer, texts) for d, texts in texts_by_domain.items() if texts}
     model.train(was_training)
-    num_layers = len(next(iter(logits.values())))
-    log_e = math.log(num_experts)
+    names = list(logits)
+    num_layers = len(logits[names[0]])
     layers = []
     for layer in range(num_layers):
-        counts, token_ent, n_tokens, domains = {}, 0.0, 0, {}
-        for domain, per_layer in logits.items():
-            probs = per_layer[layer].softmax(-1)
-            chosen = probs.topk(top_k, dim=-1).indices.flatten()
-            c = torch.bincount(chosen, minlength=num_experts).double()
-            counts[domain] = c
-            token_ent += float(-(probs * probs.clamp_min(1e-12).log()).sum())
-            n_tokens += probs.shape[0]
-            share = c / c.sum()
+        counts = RoutingCounts(num_experts, top_k, num_groups=len(names))
+        for group, domain in enumerate(names):
+            probs = logits[domain][layer].softmax(-1)
+            counts.update(
+                probs.topk(top_k, dim=-1).indices,
+                probs=probs,
+                groups=torch.full((probs.shape[0],), group, dtype=torch.long),
+            )
+        overall = counts.summary()
+        domains = {}
+        for group, domain in enumerate(names):
+            share = torch.tensor(counts.summary(group)["utilisation"], dtype=torch.float64)
             top = share.topk(min(2, num_experts))
             domains[domain] = {
                 "usage": [round(float(x), 4) for x in share],
                 "top_experts": [int(i) for i in top.indices],
                 "top2_share": round(float(top.values.sum()), 4),
-                "tokens": int(probs.shape[0]),
+                "tokens": int(counts.tokens[group]),
             }
-        joint = torch.stack(list(counts.values()))
-        joint = joint / joint.sum()
-        p_domain, p_expert = joint.sum(1), joint.sum(0)
-        mi = _entropy(p_domain) + _entropy(p_expert) - _entropy(joint.flatten())
-        h_domain = _entropy(p_domain)
+        mi, h_domain, _ = mutual_information(counts.counts)
         layers.append(
             {
-                "usage": [round(float(x), 4) for x in p_expert],
-                "usage_entropy": round(_entropy(p_expert) / log_e, 4),
-                "token_entropy": round(token_ent / n_tokens / log_e, 4),
+                "usage": [round(float(x), 4) for x in overall["utilisation"]],
+                "usage_entropy": round(normalized_entropy(counts.counts.sum(0)), 4),
+                "token_entropy": round(overall["token_entropy"], 4),
                 "domain_mutual_information": round(mi / h_domain, 4) if h_domain > 0 else 0.0,
                 "domains": domains,
             }

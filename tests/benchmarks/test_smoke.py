@@ -36,6 +36,22 @@ def _rows(out: str, title: str) -> dict[str, list[str]]:
     return rows
 
 
+# Trainable parameters and LoRA ranks of --quick as measured before the methods were built
+# through the registry (perft.methods); a changed training default leaking in changes them.
+QUICK_TRAINABLE = {
+    "layer": {"base": "0", "perft-r": "16,896", "perft-e": "32,768", "perft-d": "8,192", "perft-s": "2,048",
+              "lora-qv": "16,896", "lora-experts": "17,920", "loop-r": "16,896"},
+    "small": {"base": "0", "perft-r": "16,896", "perft-e": "16,384", "perft-d": "8,192", "perft-s": "2,048",
+              "lora-qv": "16,896", "lora-experts": "17,920", "loop-r": "16,896"},
+}
+QUICK_SETTINGS = {
+    "layer": {"perft-e": "N=16 (base top-k), r=16", "lora-qv": "PEFT LoRA q,v r=66",
+              "lora-experts": "PEFT LoRA on fused experts r=5"},
+    "small": {"perft-e": "N=8 (base top-k), r=16", "lora-qv": "PEFT LoRA q,v r=66",
+              "lora-experts": "PEFT LoRA on fused experts r=7"},
+}
+
+
 @pytest.mark.parametrize("target", ["layer", "small"])
 def test_step_time_quick_prints_every_method(target, tmp_path):
     out = _run("step_time.py", "--target", target, "--json", str(tmp_path / "r.json"))
@@ -44,7 +60,13 @@ def test_step_time_quick_prints_every_method(target, tmp_path):
     assert rows["base"][3] == "1.000x"  # step CPU / base
     assert rows["base"][1] == "0" and all(int(rows[m][1].replace(",", "")) > 0 for m in METHODS[1:])
     assert rows["perft-r"][1] == rows["loop-r"][1]  # the reference design has the very same tensors
-    assert "max |diff|" in out
+    assert {m: rows[m][1] for m in METHODS} == QUICK_TRAINABLE[target]
+    assert {m: rows[m][-1] for m in QUICK_SETTINGS[target]} == QUICK_SETTINGS[target]
+    assert rows["perft-r"][-1] == "N=8, top-2, r=16"
+    assert rows["loop-r"][-1] == "N=8, top-2, r=16; per-expert Python loop"
+    # loop-r (the registered routed_loop variant) computes the same output as perft-r's stacked products
+    diff = float(out.split("max |diff|:", 1)[1].split()[0])
+    assert diff < 1e-6
     assert (tmp_path / "r.json").is_file()
 
 
