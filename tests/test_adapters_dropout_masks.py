@@ -81,3 +81,17 @@ def test_dropout_masks_is_saved_and_old_configs_read_as_shared(tmp_path):
     assert PerftConfig.from_dict(old).dropout_masks == "shared"
     with pytest.raises(PerftError, match="dropout_masks"):
         PerftConfig(dropout_masks="per-expert")
+
+
+def test_the_model_builds_per_expert_experts_and_saves_the_choice(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from perft import get_perft_model
+    from perft.testing import save_tiny_model
+
+    base = AutoModelForCausalLM.from_pretrained(save_tiny_model("olmoe", tmp_path / "base"))
+    model = get_perft_model(base, PerftConfig(num_experts=4, top_k=2, rank=4, dropout_masks="per_expert"))
+    experts = [m for m in model.modules() if isinstance(m, AdapterExperts)]
+    assert experts and all(e.dropout_masks == "per_expert" for e in experts)
+    model.save_pretrained(tmp_path / "adapter")
+    assert PerftConfig.load(tmp_path / "adapter").dropout_masks == "per_expert"
