@@ -3,7 +3,8 @@
 Modes, interleaved in one run (median of repeats): no dropout; torch's generator (a user's own
 loop); masks keyed by (seed, step, sample) as `perft train` draws them (perft/dropout.py). For
 LoRA the mask covers the input [T, d]; for the parallel adapter the [T, N*r] middle, one mask
-per expert. Shapes default to OLMoE-1B-7B's (d 2048) with PERFT-R's benchmark setting (8
+per expert. For LoRA, `per-expert` is `dropout_masks="per_expert"`: keyed masks, one per
+expert, each expert's down projection on its own masked copy of the input. Shapes default to OLMoE-1B-7B's (d 2048) with PERFT-R's benchmark setting (8
 experts, r 16) and 2048 tokens, as benchmarks/step_time.py's `layer` target; compare the
 milliseconds with that benchmark's step time (docs/benchmarks.md).
 
@@ -52,11 +53,13 @@ def main(argv: list[str] | None = None) -> None:
         experts = AdapterExperts(kind, args.experts, args.hidden, args.rank, dropout=0.05).train()
         with torch.no_grad():
             experts.up.normal_(0, 0.01)
-        modes = {"off": (0.0, False), "torch": (0.05, False), "keyed": (0.05, True)}
+        modes = {"off": (0.0, False, "shared"), "torch": (0.05, False, "shared"), "keyed": (0.05, True, "shared")}
+        if kind == "lora":
+            modes["per-expert"] = (0.05, True, "per_expert")
         times: dict[str, list[float]] = {m: [] for m in modes}
         for _ in range(args.repeats + 1):  # the first round warms up
-            for mode, (p, keyed) in modes.items():
-                experts.dropout_p = p
+            for mode, (p, keyed, masks) in modes.items():
+                experts.dropout_p, experts.dropout_masks = p, masks
                 start = time.perf_counter()
                 if keyed:
                     with keyed_dropout(experts, seed=42, step=3, sample_ids=range(batch), attention_mask=mask):
@@ -69,6 +72,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{kind:9s} off {median['off']:8.1f} ms | torch {median['torch']:8.1f} ms | keyed {median['keyed']:8.1f} ms"
               f" | keyed - off {median['keyed'] - median['off']:+7.1f} ms | keyed / torch "
               f"{median['keyed'] / median['torch']:.2f}x")
+        if "per-expert" in median:
+            print(f"{kind:9s} per-expert input masks {median['per-expert']:8.1f} ms | per-expert / keyed "
+                  f"{median['per-expert'] / median['keyed']:.2f}x | per-expert - off "
+                  f"{median['per-expert'] - median['off']:+7.1f} ms")
 
 
 if __name__ == "__main__":

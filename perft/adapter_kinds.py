@@ -34,6 +34,9 @@ INIT_SCHEMES = ("normal", "kaiming")
 #: Where dropout applies: `input` (on x, one mask shared by the experts of a block) or
 #: `hidden` (on down(x), one mask per expert, since each expert owns its r units).
 DROPOUT_SITES = ("input", "hidden")
+#: Masks of the `input` site: `shared` (one per block, the stacked product) or `per_expert`
+#: (one per expert, on a masked copy of the input per expert: the measurement path, docs/training.md).
+DROPOUT_MASKS = ("shared", "per_expert")
 
 
 class AdapterKind:

@@ -41,6 +41,7 @@ class AdapterExperts(nn.Module):
         dropout: float = 0.0,
         init: str = "normal",
         dropout_at: str | None = None,
+        dropout_masks: str = "shared",
         dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ) -> None:
@@ -52,6 +53,7 @@ class AdapterExperts(nn.Module):
         self.act = self.spec.activation(activation)
         self.dropout_p = float(dropout)
         self.dropout_site = dropout_at or self.spec.dropout_site
+        self.dropout_masks = dropout_masks
         self.init = init
         self.dropout_keys: Any = None  # a perft.dropout.DropoutKeys, set by keyed_dropout
         self.dropout_salt = 0
@@ -90,6 +92,8 @@ class AdapterExperts(nn.Module):
         mask = None
         if self._dropout_on():
             dtype, tokens = self.down.dtype, x.shape[0]
+            if self.dropout_site == "input" and self.dropout_masks == "per_expert":
+                return self._forward_per_expert_input_masks(x, weights).to(out_dtype)
             if self.dropout_site == "input":
                 x = x.to(dtype) * dropout_multiplier(self, tokens, d, self.dropout_p, dtype, x.device)
             else:  # on each expert's own r units: one mask per expert
@@ -100,6 +104,19 @@ class AdapterExperts(nn.Module):
         else:  # inference: the same products, without the autograd Function's bookkeeping
             y = _stacked_products(*args)[0]
         return y.to(out_dtype)
+
+    def _forward_per_expert_input_masks(self, x: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """Input dropout with one mask per expert (`dropout_masks="per_expert"`, as released).
+
+        The measurement path, not the fast one: each expert's down projection reads its own
+        masked copy of x ([T, N, d], one einsum) under plain autograd, instead of the single
+        stacked product. Masks are one [T, N*d] draw, keyed per sample inside perft train.
+        """
+        n, r, d = self.num_experts, self.rank, self.hidden_size
+        dtype, tokens = self.down.dtype, x.shape[0]
+        mask = dropout_multiplier(self, tokens, n * d, self.dropout_p, dtype, x.device).view(tokens, n, d)
+        h = torch.einsum("tnd,nrd->tnr", x.to(dtype).unsqueeze(1) * mask, self.down).reshape(tokens, n * r)
+        return F.linear(_weighted_middle(h, weights, self.scaling, self.act, n, r), self.up_matrix())
 
     def forward_selected(self, x: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """`forward(x, dense weights)` for a sparse routing, reading only the selected experts.

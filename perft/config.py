@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from perft.adapter_kinds import ACTIVATIONS as _ACTIVATION_FUNCTIONS
-from perft.adapter_kinds import DROPOUT_SITES, INIT_SCHEMES, adapter_kinds
+from perft.adapter_kinds import DROPOUT_MASKS, DROPOUT_SITES, INIT_SCHEMES, adapter_kinds
 from perft.errors import PerftError
 
 VARIANTS = ("routed", "embedded", "dense", "single")  # the built-in ones; perft.variants.variant_names() has all
@@ -37,6 +37,10 @@ class PerftConfig:
     dropout_at: `input` (on x, one mask shared by a block's experts) or `hidden` (after the
         down projection, one mask per expert); None: the kind's own (LoRA input, parallel
         hidden, as the released code). A saved config without it reads as `input`.
+    dropout_masks: at the `input` site, `shared` (one mask per block, the default) or
+        `per_expert` (each expert its own mask, as the released code; slower, see
+        docs/training.md). The `hidden` site always draws one per expert. A saved config
+        without it reads as `shared`.
     normalize_top_k: renormalise the kept PERFT-R weights; None follows the base model.
     router_aux_loss_coef: Switch-style load-balance loss on the PERFT-R router, added to the loss.
     layers: indices of the MoE layers that get adapters (None: all).
@@ -53,6 +57,7 @@ class PerftConfig:
     dropout: float = 0.05
     init: str = "normal"
     dropout_at: str | None = None
+    dropout_masks: str = "shared"
     activation: str = "silu"
     normalize_top_k: bool | None = None
     router_aux_loss_coef: float = 0.0
@@ -80,6 +85,7 @@ class PerftConfig:
         _check_choice("init", self.init, INIT_SCHEMES)
         if self.dropout_at is not None:
             _check_choice("dropout_at", self.dropout_at, DROPOUT_SITES)
+        _check_choice("dropout_masks", self.dropout_masks, DROPOUT_MASKS)
         _check_choice("activation", self.activation, ACTIVATIONS)
         _check_choice("adapter_dtype", self.adapter_dtype, ADAPTER_DTYPES)
         _check_int("rank", self.rank, minimum=1)

@@ -46,7 +46,7 @@ class PerftLayer(nn.Module):
             scaling=config.scaling,
             activation=config.activation,
             dropout=config.dropout,
-            init=config.init, dropout_at=config.dropout_at,
+            init=config.init, dropout_at=config.dropout_at, dropout_masks=config.dropout_masks,
             dtype=dtype,
             device=device,
         )

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from perft.adapter_kinds import INIT_SCHEMES, adapter_kinds
+from perft.adapter_kinds import DROPOUT_MASKS, INIT_SCHEMES, adapter_kinds
 from perft.config import ACTIVATIONS, PerftConfig
 from perft.data.prompts import PROMPT_STYLES
 from perft.errors import PerftError
@@ -189,6 +189,8 @@ class TrainingConfig:
     dropout_at: str | None = _f(None, "where adapter dropout applies: input, or hidden (after the down "
                                 "projection, a mask per expert); default: the kind's own (lora input, parallel hidden)",
                                 "method")
+    dropout_masks: str = _f("shared", "input-site dropout masks: shared (one per block) or per_expert (one per "
+                            "expert, slower; docs/training.md)", "method", choices=DROPOUT_MASKS)
     init: str = _f("normal", "initialisation of lora_A / adapter_down: normal (the released code's N(0, 2/r)) "
                    "or kaiming (PEFT's)", "method", choices=INIT_SCHEMES)
     activation: str = _f("silu", "activation of parallel adapters", "method", choices=ACTIVATIONS)
@@ -421,6 +423,7 @@ class TrainingConfig:
         return PerftConfig(
             variant=self.variant, adapter=self.adapter, num_experts=self.num_experts, top_k=self.top_k,
             rank=self.rank, alpha=self.alpha, dropout=self.dropout, init=self.init, dropout_at=self.dropout_at,
+            dropout_masks=self.dropout_masks,
             activation=self.activation, normalize_top_k=self.normalize_top_k, router_aux_loss_coef=aux,
             layers=self.layers, adapter_dtype=self.adapter_dtype,
         )
