@@ -32,18 +32,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--target", nargs="+", choices=("layer", "small"), default=["layer", "small"])
     p.add_argument("--dtype", nargs="+", choices=tuple(DTYPES), default=["fp32"])
     p.add_argument("--methods", nargs="+", choices=ALL_METHODS, default=list(ALL_METHODS))
-    p.add_argument("--prompt", type=int, default=32, help="prompt length (tokens)")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--warmup", type=int, default=1)
-    p.add_argument("--threads", type=int, default=1)
-    p.add_argument("--backend", default="eager", help="transformers experts_implementation of the base")
-    p.add_argument("--quick", action="store_true", help="tiny shapes, few tokens: checks that everything runs")
-    p.add_argument("--json", type=Path, default=None)
-    args = p.parse_args(argv)
-    if args.quick:
-        args.prompt, args.new_tokens, args.repeats = 8, 4, 1
-    return args
+    return measure.parse_generation_args(p, argv)
 
 
 def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[str, Any]:

@@ -3,6 +3,7 @@ rotating order, median after warm-up), peak step memory, and the shared driver a
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
 import os
@@ -11,6 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from machine import machine_info, set_threads  # noqa: E402
@@ -115,3 +117,20 @@ def run_benchmark(script: str, title: str, args: Any, argv: list[str] | None,
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({"command": command, "machine": info, "results": results}, indent=1))
     return 0
+
+
+def parse_generation_args(p: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """Add the flags every generation benchmark shares (prompt, tokens, repeats, ...) and parse;
+    `--quick` shrinks the run to check that everything runs."""
+    p.add_argument("--prompt", type=int, default=32, help="prompt length (tokens)")
+    p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--backend", default="eager", help="transformers experts_implementation of the base")
+    p.add_argument("--quick", action="store_true", help="tiny shapes, few tokens: checks that everything runs")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.prompt, args.new_tokens, args.repeats = 8, 4, 1
+    return args

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from perft.data.dataset import _encodable as encodable
+from perft.data.dataset import encodable
 from perft.data.dataset import load_records as read_records
 from perft.data.prompts import build_prompt
 from perft.errors import PerftError

@@ -160,7 +160,7 @@ def validate_records(records: list[Any], source: str = "data") -> list[dict[str,
             raise PerftError(f"record {index} of {source}: 'input' must be text or absent, got {type(value).__name__}")
         for name in ("instruction", "input", "output"):
             text = record.get(name)
-            if isinstance(text, str) and not _encodable(text):
+            if isinstance(text, str) and not encodable(text):
                 raise PerftError(
                     f"record {index} of {source}: '{name}' is not valid Unicode text (it holds an unpaired "
                     "surrogate such as \\ud800); fix the record"
@@ -173,7 +173,7 @@ def validate_records(records: list[Any], source: str = "data") -> list[dict[str,
     return clean
 
 
-def _encodable(text: str) -> bool:
+def encodable(text: str) -> bool:
     """Text a tokenizer can take: no lone UTF-16 surrogates (JSON allows "\\ud800")."""
     try:
         text.encode("utf-8")

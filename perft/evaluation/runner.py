@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from perft.data.dataset import load_records
+from perft.data.dataset import encodable, load_records
 from perft.data.prompts import build_prompt, response_of
 from perft.errors import PerftError
 from perft.evaluation.extraction import extract, is_correct, parse_gold_number
@@ -85,7 +85,7 @@ def _record_problem(spec: TaskSpec, record: Any) -> str | None:
         return "has an 'input' that is not text"
     for key in ("instruction", "input", "answer"):  # a lone surrogate ("\ud800") no tokenizer can take
         value = record.get(key)
-        if isinstance(value, str) and not _encodable(value):
+        if isinstance(value, str) and not encodable(value):
             return f"has an '{key}' that is not valid Unicode text (an unpaired surrogate such as \\ud800)"
     if "answer" not in record or record["answer"] is None or str(record["answer"]).strip() == "":
         return "has no 'answer'"
@@ -468,11 +468,3 @@ def _row_problem(row: Any) -> str | None:
     if "correct" not in row:
         return "no 'correct' field"
     return None
-
-
-def _encodable(text: str) -> bool:
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
