@@ -37,17 +37,40 @@ GENERATED_END = "<!-- perft demo --all-variants: generated up to here -->"
 
 
 def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), results_file: str | None = None,
-                     methods: tuple[Method, ...] = ALL_METHODS) -> list[MethodResult]:
-    """Every method over `seeds`; writes the markdown table (and its PNG beside it, under img/)."""
+                     methods: tuple[Method, ...] = ALL_METHODS, jobs: int = 1) -> list[MethodResult]:
+    """Every method over `seeds`; writes the markdown table (and its PNG beside it, under img/).
+
+    `jobs` > 1 runs that many (method, seed) pairs at once, each in its own process with
+    `cfg.threads` threads: every run is seeded and single-process, so the scores are the ones a
+    sequential run gives (a test pins this); only the training times see the shared cores.
+    """
     out = Path(cfg.output)
     base, tasks, _, base_scores = start_demo(cfg, methods)
-    results: list[MethodResult] = []
-    for number, method in enumerate(methods):
-        for seed in seeds:
-            slug = method.name.split(" (")[0].replace(" ", "").replace(",", "").replace("+", "-").lower()
+    runs = [(number, method, seed) for number, method in enumerate(methods) for seed in seeds]
+    done: dict[tuple[int, int], MethodResult] = {}
+
+    def record(number: int, seed: int, result: MethodResult) -> None:
+        done[number, seed] = result
+        ordered = [done[key] for key in sorted(done)]
+        atomic_write_text(out / "results.json", json.dumps([r.__dict__ for r in ordered], indent=1, default=str))
+
+    if jobs <= 1:
+        for number, method, seed in runs:
             print(f"perft demo --all-variants: {method.name}, seed {seed}")
-            results.append(run_method(method, base, tasks, out / f"{slug}-{number}-seed{seed}", cfg, seed))
-            atomic_write_text(out / "results.json", json.dumps([r.__dict__ for r in results], indent=1, default=str))
+            record(number, seed, run_method(method, base, tasks, _run_dir(out, number, method, seed), cfg, seed))
+    else:
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor, as_completed
+
+        with ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn"),
+                                 initializer=_start_worker, initargs=(cfg.threads,)) as pool:
+            pending = {pool.submit(run_method, method, base, tasks, _run_dir(out, number, method, seed), cfg, seed):
+                       (number, method, seed) for number, method, seed in runs}
+            for future in as_completed(pending):
+                number, method, seed = pending[future]
+                record(number, seed, future.result())
+                print(f"perft demo --all-variants: {method.name}, seed {seed} done ({len(done)}/{len(runs)})")
+    results = [done[key] for key in sorted(done)]
     figure = Path(results_file).parent / "img" / f"{Path(results_file).stem}.png" if results_file else out / "results.png"
     plot_accuracy_vs_parameters(results, figure)
     table = format_results_markdown(base_scores, results, cfg, seeds,
@@ -56,6 +79,19 @@ def run_all_variants(cfg: DemoConfig, seeds: tuple[int, ...] = (0, 1, 2), result
     if results_file:
         write_generated(Path(results_file), table)
     return results
+
+
+def _run_dir(out: Path, number: int, method: Method, seed: int) -> Path:
+    slug = method.name.split(" (")[0].replace(" ", "").replace(",", "").replace("+", "-").lower()
+    return out / f"{slug}-{number}-seed{seed}"
+
+
+def _start_worker(threads: int | None) -> None:
+    """A `--jobs` worker process: the same torch thread count as a sequential run."""
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
 
 
 def write_generated(path: Path, table: str) -> None:

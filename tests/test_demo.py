@@ -118,3 +118,20 @@ def test_bad_settings_fail_before_the_base_is_evaluated(setup, tmp_path, change,
     with pytest.raises(PerftError, match=message):
         run_demo(cfg)
     assert not (tmp_path / "out" / "base").exists()
+
+
+def test_parallel_jobs_give_the_sequential_scores(setup, tmp_path):
+    """--jobs 2 runs (method, seed) pairs in worker processes: same scores, losses and order as one at a time."""
+    methods = (Method("PERFT-R (2 experts, top-1, r2)", {"variant": "routed", "num_experts": 2, "top_k": 1, "rank": 2}),
+               Method("LoRA q,v (PEFT, r2)", {"method": "lora-attn", "rank": 2}))
+    one = run_all_variants(small(setup, tmp_path / "one"), seeds=(0, 1), methods=methods)
+    two = run_all_variants(small(setup, tmp_path / "two"), seeds=(0, 1), methods=methods, jobs=2)
+    assert [(r.method, r.seed) for r in two] == [(r.method, r.seed) for r in one] == [
+        (m.name, s) for m in methods for s in (0, 1)]
+    for a, b in zip(one, two):
+        assert a.accuracy == b.accuracy and a.trainable == b.trainable
+        assert [h.get("loss") for h in a.history["tiny_math"]] == [h.get("loss") for h in b.history["tiny_math"]]
+    # seeds differ, so a worker that ignored its seed would show here
+    assert [h.get("loss") for h in one[0].history["tiny_math"]] != [h.get("loss") for h in one[1].history["tiny_math"]]
+    saved = json.loads((tmp_path / "two" / "out" / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in saved] == [(r.method, r.seed) for r in one]

@@ -30,6 +30,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--all-variants", action="store_true", help="every method (PERFT-R/E/D/S, LoRA q,v and on the "
                         "experts, ESFT gate/token, the hybrid), each over --seeds")
     parser.add_argument("--seeds", default="0,1,2", help="seeds for --all-variants (comma-separated)")
+    parser.add_argument("--jobs", type=int, default=1, help="--all-variants: run this many (method, seed) pairs at "
+                        "once, each in its own process with --threads threads (scores do not change; times do)")
     parser.add_argument("--results", default=None, help="markdown file for the --all-variants table "
                         "(e.g. docs/results-tiny.md)")
     parser.add_argument("--no-progress", action="store_true")
@@ -69,7 +71,7 @@ def _check_numbers(args: argparse.Namespace) -> None:
     if args.lr is not None and not (math.isfinite(args.lr) and 0 < args.lr <= 10):
         raise PerftError(f"--lr must be a number in (0, 10], got {args.lr!r}")
     for flag, value, low in (("--max-steps", args.max_steps, 1), ("--max-eval-samples", args.max_eval_samples, 1),
-                             ("--threads", args.threads, 1), ("--seed", args.seed, 0)):
+                             ("--threads", args.threads, 1), ("--jobs", args.jobs, 1), ("--seed", args.seed, 0)):
         if value is not None and not low <= value <= (2**32 - 1 if flag == "--seed" else 10**9):
             raise PerftError(f"{flag} must be an integer >= {low} (and not absurdly large), got {value!r}")
 
@@ -84,7 +86,7 @@ def _run(args: argparse.Namespace, cfg: DemoConfig) -> int:
             raise PerftError(f"--seeds must be comma-separated integers, got {args.seeds!r}") from None
         if not seeds:
             raise PerftError("--seeds is empty: give at least one seed, e.g. --seeds 0,1,2")
-        run_all_variants(cfg, seeds, args.results)
+        run_all_variants(cfg, seeds, args.results, jobs=args.jobs)
     else:
         run_demo(cfg)
     return 0
