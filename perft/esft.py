@@ -32,7 +32,7 @@ from torch.nn.utils import parametrize
 from perft.arch import MoEBlockInfo, require_moe_blocks
 from perft.errors import PerftError
 from perft.io import atomic_save_safetensors, atomic_write_text, load_safetensors
-from perft.methods import ADAPTER_CONFIG, Method, _read_config, register_method
+from perft.methods import ADAPTER_CONFIG, Method, _read_config, copy_adapter_tensors, register_method
 
 if TYPE_CHECKING:
     from perft.training.args import TrainingConfig
@@ -288,17 +288,9 @@ class Esft(Method):
         return {k: v.detach() for k, v in expert_rows(model).items()}
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-        targets = expert_rows(model)
-        missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
-        if missing or extra:
-            raise PerftError(f"{source} holds other experts than this model trains (missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}): was it saved with another expert selection?")
-        with torch.no_grad():
-            for name, target in targets.items():
-                if tuple(state[name].shape) != tuple(target.shape):
-                    raise PerftError(f"{source}: {name} has shape {tuple(state[name].shape)}, this model "
-                                     f"needs {tuple(target.shape)}; use the base model it was made for")
-                target.copy_(state[name].to(device=target.device, dtype=target.dtype))
+        copy_adapter_tensors(expert_rows(model), state, source,
+                             mismatch="holds other experts than this model trains: was it saved with another "
+                             "expert selection?")
 
     def save(self, model: nn.Module, directory: Path) -> None:
         directory = Path(directory)

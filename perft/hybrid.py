@@ -18,7 +18,7 @@ from torch import nn
 
 from perft.errors import PerftError
 from perft.io import atomic_save_safetensors, atomic_write_text, load_safetensors
-from perft.methods import Perft, register_method
+from perft.methods import Perft, copy_adapter_tensors, register_method
 
 if TYPE_CHECKING:
     from perft.training.args import TrainingConfig
@@ -89,19 +89,11 @@ class PerftLoraAttention(Perft):
         return state
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
-        lora = lora_parameters(model)
         mine = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
-        missing, extra = sorted(set(lora) - set(mine)), sorted(set(mine) - set(lora))
-        if missing or extra:
-            raise PerftError(f"{source} does not fit this model's attention LoRA (missing {missing[:3]}, "
-                             f"unexpected {extra[:3]}): was it saved with another rank or base model?")
         model.load_adapter_state_dict({k: v for k, v in state.items() if not k.startswith(PREFIX)}, source=source)
-        with torch.no_grad():
-            for name, target in lora.items():
-                if tuple(mine[name].shape) != tuple(target.shape):
-                    raise PerftError(f"{source}: {PREFIX}{name} has shape {tuple(mine[name].shape)}, this model "
-                                     f"needs {tuple(target.shape)}")
-                target.copy_(mine[name].to(device=target.device, dtype=target.dtype))
+        copy_adapter_tensors(lora_parameters(model), mine, source, prefix=PREFIX,
+                             mismatch="does not fit this model's attention LoRA: was it saved with another rank "
+                             "or base model?")
 
     def save(self, model: nn.Module, directory: Path) -> None:
         from perft.config import WEIGHTS_NAME

@@ -96,3 +96,19 @@ def test_the_perft_adapter_is_still_recognised_beside_a_registered_method(toy, t
     with one_thread():
         result = train(config(train_workspace, tmp_path / "perft", max_steps=1, val_set_size=0, save_steps=1))
     assert method_for_adapter(result.adapter_dir) is get_method("perft")
+
+
+def test_copy_adapter_tensors_checks_everything_before_writing_anything():
+    """A state with one bad shape leaves every target as it was (no half-loaded adapter)."""
+    from perft.methods import copy_adapter_tensors
+
+    targets = {"a": torch.zeros(2, 3), "b": torch.zeros(4)}
+    with pytest.raises(PerftError, match=r"f\.safetensors: x\.b has shape \(5,\), this model needs \(4,\); use the base"):
+        copy_adapter_tensors(targets, {"a": torch.ones(2, 3), "b": torch.ones(5)}, "f.safetensors", mismatch="m",
+                             prefix="x.")
+    assert targets["a"].abs().sum() == 0
+    with pytest.raises(PerftError, match=r"f holds other experts \(missing \['b'\], unexpected \['c'\]\)"):
+        copy_adapter_tensors(targets, {"a": torch.ones(2, 3), "c": torch.ones(4)}, "f", mismatch="holds other experts")
+    copy_adapter_tensors(targets, {"a": torch.full((2, 3), 2.0, dtype=torch.float64), "b": torch.arange(4.0)}, "f",
+                         mismatch="m")
+    assert targets["a"].dtype == torch.float32 and targets["a"].sum() == 12 and targets["b"].tolist() == [0, 1, 2, 3]
