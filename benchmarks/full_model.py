@@ -96,8 +96,15 @@ def training_config(name: str) -> Any:
     return TrainingConfig(**{"alpha": 2.0 * settings.get("rank", 16), "dropout": 0.0, **settings})
 
 
-def build(name: str, base: torch.nn.Module) -> tuple[torch.nn.Module, int]:
-    """`name` on a weight-sharing copy of the frozen base; (model, trainable count)."""
+def build(name: str, base: torch.nn.Module, random_adapters: bool = False) -> tuple[torch.nn.Module, int]:
+    """`name` on a weight-sharing copy of the frozen base; (model, trainable count).
+
+    The adapters start as the exact no-op they are at step 0, so the base routes every token as
+    the frozen base does and a step-time ratio is the adapters' own cost. `random_adapters`
+    gives PERFT's `up` tensors mid-training values instead: on random base weights, whose
+    routing collapses onto a few experts after the first layer, that spreads the routing and
+    the eager experts loop then runs more experts (docs/benchmarks.md, "Full-size models").
+    """
     from perft.methods import get_method
 
     model = models.share_weights_copy(base)
@@ -105,9 +112,19 @@ def build(name: str, base: torch.nn.Module) -> tuple[torch.nn.Module, int]:
         torch.manual_seed(1)
         cfg = training_config(name)
         model = get_method(cfg.method).build(model, cfg)
-        models.randomize_adapters(model, seed=2)
+        if random_adapters:
+            models.randomize_adapters(model, seed=2)
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, models.count_trainable(model)
+
+
+def experts_hit(model: torch.nn.Module, ids: torch.Tensor, top_k: int) -> float:
+    """Distinct experts the tokens `ids` are routed to, averaged over the MoE layers (a forward
+    pass's expert work on the eager backend grows with it)."""
+    model.eval()
+    with torch.no_grad():
+        logits = model(input_ids=ids, output_router_logits=True, use_cache=False).router_logits
+    return sum(torch.unique(layer.float().topk(top_k, -1).indices).numel() for layer in logits) / len(logits)
 
 
 def make_step(model: torch.nn.Module, embeds: torch.Tensor, labels: torch.Tensor) -> Any:
@@ -183,9 +200,10 @@ def run_group(target: str, dtype_name: str, args: argparse.Namespace) -> dict[st
         embeds = base.get_input_embeddings()(ids)
     built, steps, rows = {}, {}, {}
     for name in args.methods:
-        built[name], trainable = build(name, base)
+        built[name], trainable = build(name, base, args.random_adapters)
+        hit = experts_hit(built[name], ids, cfg.num_experts_per_tok)
         steps[name] = make_step(built[name], embeds, ids)
-        rows[name] = {"trainable": trainable, "planner": planner_figures(cfg, name, args.seq_len)}
+        rows[name] = {"trainable": trainable, "planner": planner_figures(cfg, name, args.seq_len), "experts_hit": hit}
     peaks: dict[str, int] = {}
 
     def warm(name: str, _round: int) -> None:
@@ -236,9 +254,10 @@ def render(result: dict[str, Any]) -> str:
             _size(r["peak_step"]), _size(plan["activations_ckpt"]),
             _size(held), f"{held / weights:.3f}x", _size(plan["total_ckpt"]),
             f"{r['tokens_per_s']:.2f}", measure.fmt_ratio(r["tokens_per_s"], base.get("tokens_per_s", float("nan"))),
+            f"{r.get('experts_hit', float('nan')):.1f}",
         ])
     header = ["method", "trainable", "planner trainable", "step (CPU)", "/ base", "step peak",
-              "planner activations", "held", "/ weights", "planner total", "gen tok/s", "/ base"]
+              "planner activations", "held", "/ weights", "planner total", "gen tok/s", "/ base", "experts hit"]
     return (f"### {result['description']}\n\n{measure.markdown_table(header, table)}\n\n"
             f"seq {result['seq_len']} tokens, micro-batch 1, gradient checkpointing; base weights "
             f"{_size(weights)}; process peak RSS {_size(result['max_rss'])}\n")
@@ -257,6 +276,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--memory", choices=("rss", "profiler", "none"), default="rss",
                    help="step peak from sampled resident memory (default), the torch profiler (slow at full size) "
                         "or not at all")
+    p.add_argument("--random-adapters", action="store_true",
+                   help="give the adapters mid-training values instead of the step-0 no-op (changes the random "
+                   "base's routing: see build)")
     p.add_argument("--small", action="store_true", help="tiny shapes of the same families: checks the logic")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)

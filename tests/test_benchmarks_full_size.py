@@ -32,6 +32,7 @@ def test_full_model_small_runs_every_method_with_the_planner_beside(tmp_path):
     for name, row in rows.items():
         assert row["planner"]["trainable"] == row["trainable"], name
         assert row["generated"] == 4 and row["step_cpu"] > 0
+        assert row["experts_hit"] == rows["base"]["experts_hit"], name  # step-0 adapters: the base routing
     assert rows["base"]["trainable"] == 0
 
 
