@@ -45,6 +45,8 @@ METHODS: dict[str, dict[str, Any]] = {
     "lora-qv": {"method": "lora-attn", "rank": 16},
 }
 ALL = ("base", *METHODS)
+# By name only: PERFT-E with adapters in the base's dtype (bf16) instead of the default fp32.
+EXTRA: dict[str, dict[str, Any]] = {"perft-e-auto": {"variant": "embedded", "rank": 16, "adapter_dtype": "auto"}}
 
 
 def model_config(name: str, *, small: bool, qwen3_layers: int) -> Any:
@@ -92,7 +94,7 @@ def build_base(cfg: Any) -> torch.nn.Module:
 def training_config(name: str) -> Any:
     from perft.training.args import TrainingConfig
 
-    settings = dict(METHODS.get(name, {}))
+    settings = dict({**METHODS, **EXTRA}.get(name, {}))
     return TrainingConfig(**{"alpha": 2.0 * settings.get("rank", 16), "dropout": 0.0, **settings})
 
 
@@ -266,7 +268,7 @@ def render(result: dict[str, Any]) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", dest="target", nargs="+", choices=("olmoe", "qwen3"), default=["olmoe"])
-    p.add_argument("--methods", nargs="+", choices=ALL, default=list(ALL))
+    p.add_argument("--methods", nargs="+", choices=(*ALL, *EXTRA), default=list(ALL))
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--prompt", type=int, default=16)

@@ -45,3 +45,13 @@ def test_step_zero_adapters_keep_the_base_routing_and_random_ones_change_it(full
     # by hand: distinct top-2 experts per layer, averaged over the 2 layers
     by_hand = sum(len(set(layer.topk(2, -1).indices.flatten().tolist())) for layer in reference.router_logits) / 2
     assert hit == by_hand and 2 <= hit <= cfg.num_experts
+
+
+def test_perft_e_auto_keeps_its_adapters_in_the_base_dtype(full_model):
+    cfg = full_model.model_config("olmoe", small=True, qwen3_layers=0)
+    base = full_model.build_base(cfg)
+    default, n_default = full_model.build("perft-e", base)
+    auto, n_auto = full_model.build("perft-e-auto", base)
+    dtypes = lambda m: {p.dtype for p in m.parameters() if p.requires_grad}  # noqa: E731
+    assert dtypes(default) == {torch.float32} and dtypes(auto) == {torch.bfloat16}
+    assert n_auto == n_default == full_model.planner_figures(cfg, "perft-e-auto", 32)["trainable"] == 2 * 8 * 2 * 16 * 64
