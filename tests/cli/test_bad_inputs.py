@@ -12,7 +12,6 @@ with any other exception.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
@@ -27,80 +26,26 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from perft.cli import main
 from perft.errors import PerftError
 from perft.output_dir import MARKER_NAME
-from tests.helpers.hostile import CRASH_MARK
+from tests.helpers.cli import Env, eval_argv, make_env, run_cli, train_argv, write_task
+from tests.helpers.cli import analyze_argv as cli_analyze_argv
+from tests.helpers.hostile import CRASH_MARK, byte_snapshot
 from tests.helpers.hostile import record as record_case
-from tests.helpers.training import PYTHON, config, make_workspace, one_thread, subprocess_env
+from tests.helpers.training import PYTHON, config, one_thread, subprocess_env
 
 # ---------------------------------------------------------------------------- fixtures and helpers
 
 
-@dataclass
-class Env:
-    root: Path
-    model: Path
-    data: Path
-    run: Path  # a finished 4-step run: checkpoint-2, checkpoint-4, adapter/
-    dataset: Path  # an evaluation data folder with one task, `colours`
-
-    @property
-    def adapter(self) -> Path:
-        return self.run / "adapter"
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
-    from perft.training import train
-
-    root = tmp_path_factory.mktemp("inputs")
-    ws = make_workspace(root / "ws", n_records=24)
-    run = root / "run"
-    with one_thread():
-        train(config(ws, run, max_steps=4, save_steps=2, eval_steps=2, val_set_size=4, save_total_limit=None))
-    dataset = root / "dataset"
-    write_task(dataset, "colours", {"answer_type": "choice", "choices": ["red", "blue"]})
-    return Env(root, ws["model"], ws["data"], run, dataset)
-
-
-def write_task(dataset: Path, name: str, sidecar: dict[str, Any] | bytes, test: bytes | None = None) -> Path:
-    folder = dataset / name
-    folder.mkdir(parents=True, exist_ok=True)
-    records = [{"instruction": f"what colour is the fox {i}", "answer": "red"} for i in range(4)]
-    (folder / "test.json").write_bytes(test if test is not None else json.dumps(records).encode())
-    (folder / "task.json").write_bytes(sidecar if isinstance(sidecar, bytes) else json.dumps(sidecar).encode())
-    return folder
+    """A finished 4-step run (checkpoint-2, checkpoint-4, adapter/) and a 4-item eval task."""
+    return make_env(tmp_path_factory.mktemp("inputs"), n_records=24, max_steps=4, save_steps=2, test_items=4)
 
 
 def snapshot(root: Path) -> dict[str, Any] | None:
     """Every file under `root` (or `root` itself): content hash and mtime; links by target."""
-    if not root.exists() and not root.is_symlink():
-        return None
-    if root.is_symlink():
-        return {"": ("link", os.readlink(root))}
-    if root.is_file():
-        return {"": (hashlib.sha256(root.read_bytes()).hexdigest(), root.stat().st_mtime_ns)}
-    snap: dict[str, Any] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        for name in dirnames + filenames:
-            path = Path(dirpath) / name
-            rel = str(path.relative_to(root))
-            if path.is_symlink():
-                snap[rel] = ("link", os.readlink(path))
-            elif path.is_file():
-                snap[rel] = (hashlib.sha256(path.read_bytes()).hexdigest(), path.stat().st_mtime_ns)
-            else:
-                snap[rel] = "dir"
-    return snap
-
-
-def run_cli(argv: list[str], capfd: Any) -> tuple[int, list[str], str]:
-    capfd.readouterr()
-    with one_thread():
-        code = main(argv)
-    _, err = capfd.readouterr()
-    return code, [line for line in err.splitlines() if line.strip()], err
+    return byte_snapshot(root, mtimes=True)
 
 
 @contextlib.contextmanager
@@ -155,12 +100,6 @@ class Case:
     watch: list[Path]  # files and folders that must not change (the output folder among them)
 
 
-def train_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(env.model), "--data", str(env.data), "--output", str(out), "--rank", "4",
-            "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2", "--val-set-size", "4",
-            "--eval-steps", "2", "--save-steps", "2", "--report-to", "none", "--no-progress", *extra]
-
-
 def existing_output(tmp: Path, kind: str = "train") -> Path:
     """An earlier perft output folder of `kind` (by its marker) holding one of the user's own files."""
     out = tmp / "out"
@@ -204,11 +143,6 @@ def resume_case(env: Env, tmp: Path, change: Callable[[Path], None], message: st
     return Case(argv, message, [run])
 
 
-def eval_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--model", str(env.model), "--tasks", "colours", "--data-dir", str(env.dataset), "--output",
-            str(out), "--batch-size", "2", "--no-progress", "--greedy", "--max-new-tokens", "2", *extra]
-
-
 def adapter_case(env: Env, tmp: Path, change: Callable[[Path], None], message: str) -> Case:
     adapter = copy(env.adapter, tmp / "adapter")
     change(adapter)
@@ -231,8 +165,7 @@ def eval_output_case(env: Env, tmp: Path, name: str, content: bytes, message: st
 
 
 def analyze_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["analyze", "--model", str(env.model), "--data", str(env.data), "--output", str(out), "--projection",
-            "pca", "--no-progress", "--max-samples", "4", *extra]
+    return cli_analyze_argv(env, out, *extra, projection="pca")
 
 
 def analyze_data_case(env: Env, tmp: Path, content: str, message: str) -> Case:

@@ -15,7 +15,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,41 +22,16 @@ import pytest
 
 from perft.cli import main
 from perft.output_dir import LOCK_NAME, MARKER_NAME, OutputLock
+from tests.helpers.cli import Env, analyze_argv, eval_argv, make_env, run_cli
+from tests.helpers.cli import train_argv as cli_train_argv
 from tests.helpers.hostile import CRASH_MARK, byte_snapshot, preserved, record
-from tests.helpers.training import PYTHON, config, make_workspace, one_thread, subprocess_env
-
-
-@dataclass
-class Env:
-    root: Path
-    model: Path
-    data: Path
-    run: Path  # a finished 2-step run
-    dataset: Path  # evaluation data: one task, `colours`
+from tests.helpers.training import PYTHON, config, one_thread, subprocess_env
 
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> Env:
-    from perft.training import train
-
-    root = tmp_path_factory.mktemp("hostile")
-    ws = make_workspace(root / "ws", n_records=16)
-    run = root / "run"
-    with one_thread():
-        train(config(ws, run, max_steps=2, save_steps=1, eval_steps=1, val_set_size=4, save_total_limit=None))
-    dataset = root / "dataset" / "colours"
-    dataset.mkdir(parents=True)
-    (dataset / "test.json").write_text(json.dumps([{"instruction": f"colour {i}", "answer": "red"} for i in range(2)]))
-    (dataset / "task.json").write_text(json.dumps({"answer_type": "choice", "choices": ["red", "blue"]}))
-    return Env(root, ws["model"], ws["data"], run, dataset.parent)
-
-
-def run_cli(argv: list[str], capfd: Any) -> tuple[int, list[str], str]:
-    capfd.readouterr()
-    with one_thread():
-        code = main(argv)
-    _, err = capfd.readouterr()
-    return code, [line for line in err.splitlines() if line.strip()], err
+    """A finished 2-step run (a checkpoint per step) and a 2-item eval task."""
+    return make_env(tmp_path_factory.mktemp("hostile"), n_records=16, max_steps=2, save_steps=1, test_items=2)
 
 
 def check_refused(klass: str, name: str, argv: list[str], fragment: str, watch: list[Path], capfd: Any) -> None:
@@ -89,19 +63,7 @@ def user_folder(tmp: Path, kind: str | None = None, files: dict[str, str] | None
 
 
 def train_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["train", "--model", str(env.model), "--data", str(env.data), "--output", str(out), "--rank", "4",
-            "--batch-size", "4", "--micro-batch-size", "2", "--max-steps", "2", "--val-set-size", "4",
-            "--eval-steps", "1", "--save-steps", "1", "--report-to", "none", "--no-progress", *extra]
-
-
-def eval_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["eval", "--model", str(env.model), "--tasks", "colours", "--data-dir", str(env.dataset), "--output",
-            str(out), "--batch-size", "2", "--no-progress", "--greedy", "--max-new-tokens", "2", *extra]
-
-
-def analyze_argv(env: Env, out: Path, *extra: str) -> list[str]:
-    return ["analyze", "--model", str(env.model), "--data", str(env.data), "--output", str(out), "--projection",
-            "none", "--no-progress", "--max-samples", "4", *extra]
+    return cli_train_argv(env, out, *extra, save_steps=1)
 
 
 def pretrain_argv(env: Env, out: Path, *extra: str) -> list[str]:

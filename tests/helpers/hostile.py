@@ -20,14 +20,20 @@ from typing import Any
 CRASH_MARK = "internal error ("  # perft.cli's last-resort line: no hostile case may reach it
 
 
-def byte_snapshot(root: Path) -> dict[str, Any] | None:
-    """Every file under `root` by content hash, links by target, folders as such; None if absent."""
+def byte_snapshot(root: Path, *, mtimes: bool = False) -> dict[str, Any] | None:
+    """Every file under `root` by content hash (and mtime with `mtimes`), links by target,
+    folders as such; None if absent."""
     if not root.exists() and not root.is_symlink():
         return None
     if root.is_symlink():
         return {"": ("link", os.readlink(root))}
+
+    def digest(path: Path) -> Any:
+        sha = hashlib.sha256(path.read_bytes()).hexdigest()
+        return (sha, path.stat().st_mtime_ns) if mtimes else sha
+
     if root.is_file():
-        return {"": hashlib.sha256(root.read_bytes()).hexdigest()}
+        return {"": digest(root)}
     snap: dict[str, Any] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         for name in dirnames + filenames:
@@ -36,7 +42,7 @@ def byte_snapshot(root: Path) -> dict[str, Any] | None:
             if path.is_symlink():
                 snap[rel] = ("link", os.readlink(path))
             elif path.is_file():
-                snap[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+                snap[rel] = digest(path)
             else:
                 snap[rel] = "dir"
     return snap
