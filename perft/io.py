@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,6 +50,15 @@ def atomic_save_safetensors(path: str | Path, tensors: dict[str, torch.Tensor], 
     except SafetensorError as err:  # e.g. the disk filled up while serialising
         raise PerftError(f"cannot write {path}: {err}; free some disk space (or pick another --output) "
                          "and resume") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes, read in 1 MiB blocks (data files and checkpoint files)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def pickle_siblings(path: str | Path) -> list[str]:

@@ -12,7 +12,6 @@ cut at `cutoff_len` tokens, EOS is appended when there is room, and with
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import tempfile
@@ -22,6 +21,7 @@ from typing import Any
 
 from perft.data.prompts import build_prompt
 from perft.errors import PerftError
+from perft.io import file_sha256
 
 IGNORE_INDEX = -100
 REQUIRED_FIELDS = ("instruction", "output")
@@ -113,15 +113,6 @@ def _load_with_datasets(path: Path, builder: str) -> list[dict[str, Any]]:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise PerftError(f"cannot read {path} as {builder}: {first}") from None
         return ds.to_list()
-
-
-def file_sha256(path: str | Path) -> str:
-    """Content hash of a data file, so a resumed run can tell the data changed."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------- validation

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 
 from perft.errors import PerftError
-from perft.io import atomic_save_safetensors, load_safetensors
+from perft.io import atomic_save_safetensors, file_sha256, load_safetensors
 from perft.methods import method_of
 from perft.training.distributed import DistributedContext
 
@@ -279,20 +279,10 @@ def save_checkpoint(
 DIGEST_NAME = "checkpoint_digest.json"
 
 
-def _sha256(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def write_digest(directory: Path) -> None:
     """Hashes of every file of a checkpoint (its state, whose config fingerprint and step are inside, its
     weights, optimiser, scheduler and RNG), so a resume can tell files edited or mixed from elsewhere."""
-    files = {p.name: _sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != DIGEST_NAME}
+    files = {p.name: file_sha256(p) for p in sorted(directory.iterdir()) if p.is_file() and p.name != DIGEST_NAME}
     (directory / DIGEST_NAME).write_text(json.dumps({"sha256": files}, indent=1, sort_keys=True), encoding="utf-8")
 
 
@@ -310,7 +300,7 @@ def check_digest(checkpoint: Path) -> None:
         if "/" in name or name.startswith(".") or not target.is_file():
             raise PerftError(f"{checkpoint}: {name} named by {DIGEST_NAME} is missing; the checkpoint is incomplete: "
                              "resume from an older checkpoint")
-        if _sha256(target) != expected:
+        if file_sha256(target) != expected:
             raise PerftError(f"{checkpoint}: {name} does not match the digest written with the checkpoint (edited, "
                              "or copied from another checkpoint): restore it or resume from an older checkpoint")
 
