@@ -18,7 +18,7 @@ from torch import nn
 
 from perft.errors import PerftError
 from perft.io import atomic_save_safetensors, atomic_write_text, load_safetensors
-from perft.methods import Perft, copy_adapter_tensors, register_method
+from perft.methods import Perft, check_adapter_tensors, copy_adapter_tensors, register_method
 
 if TYPE_CHECKING:
     from perft.training.args import TrainingConfig
@@ -89,11 +89,13 @@ class PerftLoraAttention(Perft):
         return state
 
     def load_adapter_state(self, model: nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+        lora = lora_parameters(model)
         mine = {k[len(PREFIX):]: v for k, v in state.items() if k.startswith(PREFIX)}
+        fits = {"prefix": PREFIX, "mismatch": "does not fit this model's attention LoRA: was it saved with another "
+                "rank or base model?"}
+        check_adapter_tensors(lora, mine, source, **fits)  # before the PERFT part is written
         model.load_adapter_state_dict({k: v for k, v in state.items() if not k.startswith(PREFIX)}, source=source)
-        copy_adapter_tensors(lora_parameters(model), mine, source, prefix=PREFIX,
-                             mismatch="does not fit this model's attention LoRA: was it saved with another rank "
-                             "or base model?")
+        copy_adapter_tensors(lora, mine, source, **fits)
 
     def save(self, model: nn.Module, directory: Path) -> None:
         from perft.config import WEIGHTS_NAME

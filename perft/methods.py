@@ -327,10 +327,10 @@ class LoraExperts(PeftLora):
             )
 
 
-def copy_adapter_tensors(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,
-                         mismatch: str, prefix: str = "") -> None:
-    """Copy `state` into the model's tensors `targets` in place, after checking that both hold the
-    same names and shapes; `mismatch` says what a different set of names means for this method."""
+def check_adapter_tensors(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,
+                          mismatch: str, prefix: str = "") -> None:
+    """Refuse a `state` whose names or shapes differ from the model's tensors `targets`;
+    `mismatch` says what a different set of names means for this method."""
     missing, extra = sorted(set(targets) - set(state)), sorted(set(state) - set(targets))
     if missing or extra:
         raise PerftError(f"{source} {mismatch} (missing {missing[:3]}, unexpected {extra[:3]})")
@@ -338,6 +338,13 @@ def copy_adapter_tensors(targets: dict[str, torch.Tensor], state: dict[str, torc
         if tuple(state[name].shape) != tuple(target.shape):
             raise PerftError(f"{source}: {prefix}{name} has shape {tuple(state[name].shape)}, this model needs "
                              f"{tuple(target.shape)}; use the base model it was made for")
+
+
+def copy_adapter_tensors(targets: dict[str, torch.Tensor], state: dict[str, torch.Tensor], source: str, *,
+                         mismatch: str, prefix: str = "") -> None:
+    """Copy `state` into `targets` in place, once `check_adapter_tensors` has passed (nothing is
+    written when a name or shape is wrong)."""
+    check_adapter_tensors(targets, state, source, mismatch=mismatch, prefix=prefix)
     with torch.no_grad():
         for name, target in targets.items():
             target.copy_(state[name].to(device=target.device, dtype=target.dtype))

@@ -107,3 +107,17 @@ def test_analyze_takes_the_hybrid_adapter_and_restores_the_base(train_workspace,
     assert [n for n, _ in base.named_parameters()] == names  # LoRA layers and PERFT adapters gone
     with torch.no_grad():
         assert torch.equal(base(input_ids=IDS).logits, expected)
+
+
+def test_a_lora_tensor_of_the_wrong_shape_is_refused_before_anything_is_written(trained):
+    model, _ = trained
+    method = get_method("perft+lora-attn")
+    before = {k: v.clone() for k, v in method.adapter_state(model).items()}
+    state = {k: torch.zeros_like(v) for k, v in before.items()}  # would zero the PERFT part if it were written
+    bad = next(k for k in state if k.startswith(PREFIX))
+    state[bad] = torch.zeros(*state[bad].shape[:-1], state[bad].shape[-1] + 1)
+    with pytest.raises(PerftError, match=r"has shape .* this model needs .*; use the base model it was made for"):
+        method.load_adapter_state(model, state, "x")
+    after = method.adapter_state(model)
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    assert any(v.abs().sum() > 0 for k, v in before.items() if not k.startswith(PREFIX))  # the check can fail
